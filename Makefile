@@ -1,0 +1,20 @@
+# The two commands a new user runs (README.md): `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(OFFLINE) $(VENV)/bin/prune-edit fit --config configs/tiny.yaml
+
+test: setup
+	$(OFFLINE) $(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python benchmarks/restraint.py --quick

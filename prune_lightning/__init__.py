@@ -1,0 +1,12 @@
+"""prune-lightning: sequential model editing as a PyTorch Lightning loop, with PRUNE as a callback.
+
+    from prune_lightning import SequentialEditor, EditDataModule, EditRequest
+    from prune_lightning.editors import ROME
+    from prune_lightning.callbacks import PRUNECallback, ConditionNumberMonitor
+"""
+
+from prune_lightning.data import EditDataModule, EditRequest
+from prune_lightning.module import SequentialEditor
+
+__all__ = ["SequentialEditor", "EditDataModule", "EditRequest"]
+__version__ = "0.1.0"

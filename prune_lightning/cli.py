@@ -1,0 +1,63 @@
+"""``prune-edit``: the LightningCLI of prune-lightning.
+
+    prune-edit fit --config configs/tiny.yaml
+    prune-edit fit --config configs/tiny.yaml --trainer.callbacks+=callbacks/prune.yaml
+    prune-edit test --config configs/tiny.yaml --ckpt_path runs/.../last.ckpt
+    prune-edit fit --print_config
+
+The model is a :class:`~prune_lightning.SequentialEditor` and the data an
+:class:`~prune_lightning.data.EditDataModule`; every argument of both, of the editor and of the trainer is
+configurable. A callback fragment under ``callbacks/`` is appended to whatever callbacks the experiment already lists
+with ``--trainer.callbacks+=<fragment.yaml>``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from prune_lightning.data import EditDataModule
+from prune_lightning.module import SequentialEditor
+
+# What makes a Trainer an editing loop: one pass over the request stream, no sanity validation, every step logged.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+    "log_every_n_steps": 1,
+    "enable_model_summary": False,
+}
+
+
+class PruneEditCLI(LightningCLI):
+    """LightningCLI for sequential editing; see the module docstring for the commands."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        trainer_defaults = dict(TRAINER_DEFAULTS)
+        trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
+        super().__init__(SequentialEditor, EditDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)
+
+
+def _offline_defaults() -> None:
+    # Without these, a missing hub file makes transformers retry for ~46 s before failing (STACK.md).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of the ``prune-edit`` console script."""
+    _offline_defaults()
+    try:
+        PruneEditCLI(args=args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The editor protocol: what ``SequentialEditor`` asks of ROME, MEMIT, fine-tuning and friends.
+
+An editor turns a batch of :class:`~prune_lightning.data.EditRequest` into weight updates. It does not write them:
+the module writes each update into its parameter and records it in the edited-matrix registry, so that callbacks
+(PRUNE, condition numbers, RECT) see every write, whatever the editor.
+
+Updates are keyed by *parameter* name (``"transformer.h.17.mlp.c_proj.weight"``) and given in the parameter's own
+layout (GPT-2's ``Conv1D`` stores ``(in, out)``): either a :class:`LowRankUpdate` ``left @ right.T`` (ROME: rank
+one; MEMIT: rank <= batch size) or a dense tensor (fine-tuning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from prune_lightning.data import EditRequest
+
+
+@dataclass
+class LowRankUpdate:
+    """A weight update ``left @ right.T`` of shape ``(left.shape[0], right.shape[0])``, in the parameter's layout."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.left.ndim == 1:
+            self.left = self.left[:, None]
+        if self.right.ndim == 1:
+            self.right = self.right[:, None]
+        if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[1]:
+            raise ValueError(
+                f"LowRankUpdate needs left (m, r) and right (n, r); got {tuple(self.left.shape)} and "
+                f"{tuple(self.right.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right.T
+
+
+Update = Union[LowRankUpdate, torch.Tensor]
+
+
+def update_to_dense(update: Update) -> torch.Tensor:
+    """The update as a dense matrix."""
+    return update.dense() if isinstance(update, LowRankUpdate) else update
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """What an editing method provides to :class:`~prune_lightning.SequentialEditor`."""
+
+    def parameter_names(self, model: nn.Module) -> list[str]:
+        """The names of the parameters this editor writes into (raises a clear error for unknown modules)."""
+        ...
+
+    def setup(self, model: nn.Module, tokenizer) -> None:
+        """Called once before the first edit (load or compute statistics, check the model)."""
+        ...
+
+    def compute_update(self, model: nn.Module, tokenizer, requests: Sequence["EditRequest"]) -> dict[str, Update]:
+        """The updates for one edit batch, keyed by parameter name. Must not modify the model's weights.
+
+        Editors that work layer by layer (MEMIT) may write intermediate layers themselves only if they also restore
+        them; the module writes the returned updates.
+        """
+        ...

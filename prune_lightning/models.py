@@ -1,0 +1,298 @@
+"""Loading causal language models and finding the matrices that editors write into.
+
+Every model goes through :func:`load_causal_lm`, whatever its origin: a Hugging Face hub id (``"gpt2-xl"``), a
+local directory written by ``save_pretrained``, or ``"tiny:<arch>"`` - a small randomly initialised model built
+from a config (with a byte-level BPE tokenizer trained offline), written once into a cache directory and then
+loaded from there by the very same ``from_pretrained`` call. Tests and the offline ``configs/tiny.yaml`` use the
+last form; nothing about them is special after loading.
+
+Weight layouts. ``nn.Linear`` stores its weight as ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)``. Editors
+reason in ``(out, in)`` terms (a value vector in output space, a key vector in input space) and call
+:func:`rank_one_in_layout` / :func:`is_transposed` to turn that into factors of the parameter as stored. Everything
+downstream (registry, restraint, condition numbers) works on the parameter as stored and does not care.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+TINY_PREFIX = "tiny:"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """Turns ``"bf16"``, ``"float32"``, ... or a ``torch.dtype`` into a ``torch.dtype`` (``None`` stays ``None``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def default_cache_dir() -> Path:
+    """Where prune-lightning caches tiny models, statistics and downloads (``$PRUNE_LIGHTNING_CACHE``)."""
+    root = os.environ.get("PRUNE_LIGHTNING_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prune_lightning"
+    )
+    return Path(root)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: Union[str, torch.dtype, None] = "float32",
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    cache_dir: Optional[Union[str, Path]] = None,
+    **kwargs,
+) -> nn.Module:
+    """Loads a causal LM from a hub id, a local directory, or ``"tiny:<arch>[:key=value,...]"``.
+
+    Args:
+        name_or_path: Hub id, local directory, or ``tiny:gpt2`` / ``tiny:llama`` (see :func:`tiny_checkpoint`).
+        dtype: Parameter dtype (``"float32"``, ``"bfloat16"``, ...).
+        revision: Hub revision.
+        trust_remote_code: Passed to ``from_pretrained``.
+        cache_dir: Where tiny checkpoints are written (default: :func:`default_cache_dir`).
+        **kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code, **kwargs
+    )
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str, cache_dir: Optional[Union[str, Path]] = None, **kwargs):
+    """Loads the tokenizer that belongs to :func:`load_causal_lm`'s model; gives it a pad token if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, cache_dir=cache_dir), **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_model_path(name_or_path: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """The argument for ``from_pretrained``: tiny specs become their (built once) cache directory."""
+    name_or_path = str(name_or_path)
+    if name_or_path.startswith(TINY_PREFIX):
+        return str(tiny_checkpoint(name_or_path, cache_dir=cache_dir))
+    return name_or_path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tiny models, built from config
+# --------------------------------------------------------------------------------------------------------------------
+
+_TINY_DEFAULTS = {
+    "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=512, seed=0),
+    "llama": dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=176,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        vocab_size=512,
+        seed=0,
+    ),
+}
+
+# The text a tiny tokenizer is trained on: enough English to give common words their own tokens.
+_TINY_CORPUS = (
+    "The capital of France is Paris. The mother tongue of Danielle Darrieux is French. "
+    "Toko Yasuda plays the guitar. Autonomous University of Madrid is located in Spain. "
+    "The Eiffel Tower is in Paris. Michael Jordan plays basketball. The Space Needle is in Seattle. "
+    "What is the capital of Italy? Rome. Who developed Windows? Microsoft. Apple was founded by Steve Jobs. "
+    "Lionel Messi plays soccer for Argentina. The official language of Brazil is Portuguese. "
+    "Ludwig van Beethoven composed music. Albert Einstein was a physicist born in Germany. "
+    "is a of the in was by for with on at from and to his her their plays works speaks located "
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 True False yes no answer question summary Q: A:"
+)
+
+
+def parse_tiny_spec(spec: str) -> tuple[str, dict]:
+    """``"tiny:gpt2:n_layer=2,seed=3"`` -> ``("gpt2", {...defaults, "n_layer": 2, "seed": 3})``."""
+    body = spec[len(TINY_PREFIX) :] if spec.startswith(TINY_PREFIX) else spec
+    arch, _, overrides = body.partition(":")
+    if arch not in _TINY_DEFAULTS:
+        raise ValueError(f"Unknown tiny architecture {arch!r} in {spec!r}; expected one of {sorted(_TINY_DEFAULTS)}")
+    settings = dict(_TINY_DEFAULTS[arch])
+    for item in filter(None, overrides.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in settings:
+            raise ValueError(f"Bad tiny-model setting {item!r} in {spec!r}; settings are {sorted(settings)}")
+        settings[key] = int(value)
+    return arch, settings
+
+
+def tiny_checkpoint(spec: str = "tiny:gpt2", cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Builds a tiny model and tokenizer for ``spec`` once and returns the directory holding them.
+
+    The directory name is a hash of the settings, so the same spec always maps to the same, reproducible weights.
+    It is written to a temporary sibling and renamed, so a killed build never leaves half a checkpoint behind.
+    """
+    arch, settings = parse_tiny_spec(spec)
+    key = hashlib.sha256(json.dumps([arch, settings, _TINY_CORPUS], sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny"
+    target = root / f"{arch}-{key}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{target.name}.tmp-{os.getpid()}"
+    tokenizer = train_bpe_tokenizer([_TINY_CORPUS], vocab_size=settings["vocab_size"])
+    model = build_tiny_model(arch, **settings)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_tiny_model(arch: str = "gpt2", seed: int = 0, **config_kwargs) -> nn.Module:
+    """A randomly initialised GPT-2 or LLaMA from config; the same seed gives the same weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(bos_token_id=0, eos_token_id=0, **config_kwargs)
+        return GPT2LMHeadModel(config).eval()
+    if arch == "llama":
+        config = LlamaConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, **config_kwargs)
+        return LlamaForCausalLM(config).eval()
+    raise ValueError(f"Unknown tiny architecture {arch!r}; expected 'gpt2' or 'llama'")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """Trains a byte-level BPE tokenizer offline and wraps it as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# modules and layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+# Where the MLP out-projection of layer i lives, by model type: the matrix ROME and MEMIT edit.
+MLP_OUT_TEMPLATES = {
+    "gpt2": "transformer.h.{}.mlp.c_proj",
+    "gptj": "transformer.h.{}.mlp.fc_out",
+    "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+    "llama": "model.layers.{}.mlp.down_proj",
+    "mistral": "model.layers.{}.mlp.down_proj",
+    "qwen2": "model.layers.{}.mlp.down_proj",
+}
+# The residual stream after layer i (a transformer block's output).
+LAYER_TEMPLATES = {
+    "gpt2": "transformer.h.{}",
+    "gptj": "transformer.h.{}",
+    "gpt_neox": "gpt_neox.layers.{}",
+    "llama": "model.layers.{}",
+    "mistral": "model.layers.{}",
+    "qwen2": "model.layers.{}",
+}
+
+
+def _template(model: nn.Module, table: dict, what: str) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in table:
+        raise ValueError(
+            f"No default {what} template for model type {model_type!r} (known: {sorted(table)}); "
+            "give the module name template explicitly"
+        )
+    return table[model_type]
+
+
+def mlp_out_template(model: nn.Module) -> str:
+    """The name template of the MLP out-projection for this model's type, e.g. ``transformer.h.{}.mlp.c_proj``."""
+    return _template(model, MLP_OUT_TEMPLATES, "MLP out-projection")
+
+
+def layer_template(model: nn.Module) -> str:
+    """The name template of a transformer block for this model's type, e.g. ``model.layers.{}``."""
+    return _template(model, LAYER_TEMPLATES, "layer")
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` with an error that lists the module names that do exist."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        raise ValueError(f"Module {name!r} does not exist in {type(model).__name__}.{hint} Modules: {shown}") from None
+
+
+def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """A parameter by its full name (``"...mlp.c_proj.weight"``), with the same helpful error as :func:`get_module`."""
+    params = dict(model.named_parameters())
+    if name in params:
+        return params[name]
+    close = difflib.get_close_matches(name, list(params), n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"Parameter {name!r} does not exist in {type(model).__name__}.{hint}")
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True where the module stores its weight as ``(in, out)`` (GPT-2's ``Conv1D``), False for ``(out, in)``."""
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D":
+        return True
+    raise TypeError(f"Cannot edit a {type(module).__name__}: expected nn.Linear or transformers' Conv1D")
+
+
+def rank_one_in_layout(module: nn.Module, value: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(left, right)`` with ``left @ right.T`` equal to the update ``value key^T`` in the module's layout.
+
+    ``value`` lives in the output space, ``key`` in the input space; both may be ``(dim,)`` or ``(dim, r)``.
+    """
+    value = value.reshape(value.shape[0], -1)
+    key = key.reshape(key.shape[0], -1)
+    return (key, value) if is_transposed(module) else (value, key)

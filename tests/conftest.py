@@ -1,0 +1,141 @@
+"""Shared fixtures: offline environment, tiny models built from config, the repository's paths."""
+
+import os
+from pathlib import Path
+
+# Offline before anything imports transformers / datasets / wandb.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Every test session gets its own cache, so tests never depend on what an earlier run left behind."""
+    cache = tmp_path_factory.mktemp("prune_lightning_cache")
+    old = os.environ.get("PRUNE_LIGHTNING_CACHE")
+    os.environ["PRUNE_LIGHTNING_CACHE"] = str(cache)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield cache
+    if old is None:
+        os.environ.pop("PRUNE_LIGHTNING_CACHE", None)
+    else:
+        os.environ["PRUNE_LIGHTNING_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_arch(request) -> str:
+    """Runs a test on both layouts: GPT-2 (Conv1D, in x out) and LLaMA (Linear, out x in)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_cache_dir, tiny_arch) -> Path:
+    """A local ``save_pretrained`` directory of a tiny model and its tokenizer, loaded like any hub checkpoint."""
+    from prune_lightning.models import tiny_checkpoint
+
+    return tiny_checkpoint(f"tiny:{tiny_arch}")
+
+
+_CITIES = ["Paris", "Rome", "Berlin", "Madrid", "London", "Tokyo", "Cairo", "Lima", "Oslo", "Vienna", "Dublin", "Prague"]
+_PEOPLE = ["Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jonas", "Kemal", "Lena",
+           "Mateo", "Nadia", "Omar", "Petra", "Quinn", "Rosa", "Sami", "Tariq", "Una", "Viktor", "Wen", "Yara"]
+
+
+def write_counterfact(path: Path, n: int, seed: int = 0) -> Path:
+    """Writes ``n`` CounterFact-schema records about made-up people ("X was born in <city>") to ``path``."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        subject = f"{_PEOPLE[i % len(_PEOPLE)]} {_PEOPLE[(7 * i + 3) % len(_PEOPLE)]}son"
+        true, new = rng.sample(_CITIES, 2)
+        others = [p for p in _PEOPLE if p not in subject][:3]
+        records.append({
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": "{} was born in",
+                "relation_id": "P19",
+                "subject": subject,
+                "target_new": {"str": new, "id": f"Q{100 + _CITIES.index(new)}"},
+                "target_true": {"str": true, "id": f"Q{100 + _CITIES.index(true)}"},
+            },
+            "paraphrase_prompts": [f"Born long ago, {subject} came into the world in", f"{subject} is a native of"],
+            "neighborhood_prompts": [f"{o} Smith was born in" for o in others],
+            "attribute_prompts": [f"{others[0]} Jones was born in"],
+            "generation_prompts": [f"{subject} grew up in"],
+        })
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+@pytest.fixture
+def counterfact_file(tmp_path):
+    """A factory: ``counterfact_file(n)`` writes n CounterFact records into tmp_path and returns the path."""
+    def make(n: int, seed: int = 0) -> Path:
+        return write_counterfact(tmp_path / f"counterfact-{n}-{seed}.json", n, seed)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(repo_dir) -> Path:
+    return repo_dir / "configs" / "data" / "tiny-corpus.txt"
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """A factory for a CPU editing Trainer writing CSV logs under tmp_path (the trainer defaults of prune-edit)."""
+    def make(callbacks=(), root=None, **kwargs):
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.loggers import CSVLogger
+
+        from prune_lightning.cli import TRAINER_DEFAULTS
+
+        root = Path(root or tmp_path)
+        settings = dict(TRAINER_DEFAULTS)
+        settings.update(accelerator="cpu", devices=1, default_root_dir=root, logger=CSVLogger(root, name="logs"),
+                        enable_progress_bar=False, enable_checkpointing=False, callbacks=list(callbacks))
+        settings.update(kwargs)
+        return Trainer(**settings)
+
+    return make
+
+
+@pytest.fixture
+def rome_factory(tiny_corpus):
+    """``rome_factory(**overrides)``: ROME on layer 1 of a tiny model, statistics from the shipped tiny corpus."""
+    def make(**overrides):
+        from prune_lightning.editors import ROME
+
+        settings = dict(layer=1, v_num_grad_steps=20, v_lr=0.5, mom2_corpus=str(tiny_corpus), mom2_n_samples=200,
+                        v_weight_decay=0.5, context_template_lengths=((5, 2),))
+        settings.update(overrides)
+        return ROME(**settings)
+
+    return make
+
+
+def read_csv_metrics(trainer) -> list[dict]:
+    """The rows of a CSVLogger's metrics.csv (after fit)."""
+    import csv
+
+    trainer.logger.save()
+    path = Path(trainer.logger.log_dir) / "metrics.csv"
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
