@@ -110,8 +110,10 @@ def resolve_model_path(name_or_path: str, cache_dir: Optional[Union[str, Path]] 
 # tiny models, built from config
 # --------------------------------------------------------------------------------------------------------------------
 
+# initializer_range 0.1 (HF default 0.02): with the default, a random model's logits are so flat that no edit can make
+# one continuation clearly beat another, and sigma_max(W_0) is so small that PRUNE's log restraint enlarges values.
 _TINY_DEFAULTS = {
-    "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=512, seed=0),
+    "gpt2": dict(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=512, initializer_range=0.1, seed=0),
     "llama": dict(
         num_hidden_layers=4,
         hidden_size=64,
@@ -120,6 +122,7 @@ _TINY_DEFAULTS = {
         num_key_value_heads=2,
         max_position_embeddings=128,
         vocab_size=512,
+        initializer_range=0.1,
         seed=0,
     ),
 }
@@ -135,6 +138,12 @@ _TINY_CORPUS = (
     "is a of the in was by for with on at from and to his her their plays works speaks located "
     "0 1 2 3 4 5 6 7 8 9 10 100 1000 True False yes no answer question summary Q: A:"
 )
+# Names repeated often enough that the BPE merges each into one token (" Paris"), so test targets are single tokens:
+# on a random-weight model an edit moves the first target token far more reliably than later ones.
+_TINY_WORDS = (
+    "Paris Rome Berlin Madrid London Tokyo Cairo Lima Oslo Vienna Dublin Prague Seattle Spain Italy Germany France "
+    "Brazil Japan Egypt Peru Norway English French German Spanish Italian Japanese soccer tennis guitar piano"
+)
 
 
 def parse_tiny_spec(spec: str) -> tuple[str, dict]:
@@ -148,8 +157,13 @@ def parse_tiny_spec(spec: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq or key not in settings:
             raise ValueError(f"Bad tiny-model setting {item!r} in {spec!r}; settings are {sorted(settings)}")
-        settings[key] = int(value)
+        settings[key] = type(settings[key])(value)
     return arch, settings
+
+
+def tiny_tokenizer_corpus() -> list[str]:
+    """The texts the tiny models' tokenizer is trained on."""
+    return [_TINY_CORPUS] + [_TINY_WORDS] * 20
 
 
 def tiny_checkpoint(spec: str = "tiny:gpt2", cache_dir: Optional[Union[str, Path]] = None) -> Path:
@@ -159,14 +173,14 @@ def tiny_checkpoint(spec: str = "tiny:gpt2", cache_dir: Optional[Union[str, Path
     It is written to a temporary sibling and renamed, so a killed build never leaves half a checkpoint behind.
     """
     arch, settings = parse_tiny_spec(spec)
-    key = hashlib.sha256(json.dumps([arch, settings, _TINY_CORPUS], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([arch, settings, tiny_tokenizer_corpus()], sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tiny"
     target = root / f"{arch}-{key}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{target.name}.tmp-{os.getpid()}"
-    tokenizer = train_bpe_tokenizer([_TINY_CORPUS], vocab_size=settings["vocab_size"])
+    tokenizer = train_bpe_tokenizer(tiny_tokenizer_corpus(), vocab_size=settings["vocab_size"])
     model = build_tiny_model(arch, **settings)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -27,8 +27,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from prune_lightning.editors.base import Editor, LowRankUpdate, Update
-from prune_lightning.models import get_parameter, load_causal_lm, load_tokenizer
+from prune_lightning.editors.base import Editor, LowRankUpdate, Update, implements_editor
+from prune_lightning.models import load_causal_lm, load_tokenizer
 from prune_lightning.registry import EditRegistry
 
 
@@ -69,9 +69,9 @@ class SequentialEditor(LightningModule):
             from prune_lightning.editors import ROME
 
             editor = ROME()
-        if not isinstance(editor, Editor):
+        if not implements_editor(editor):
             raise TypeError(
-                f"editor must implement the Editor protocol (parameter_names, setup, compute_update); "
+                f"editor must be an Editor or implement its methods (parameter_names, setup, compute_update); "
                 f"got {type(editor).__name__}"
             )
         self.model = load_causal_lm(model, dtype=dtype)
@@ -148,7 +148,7 @@ class SequentialEditor(LightningModule):
             for name, update in updates.items():
                 entry = self.edit_registry[name]
                 entry.record(update)
-                entry.write(get_parameter(self.model, name))
+                self.edit_registry.write([name])
                 metrics[f"edit/update_norm/{name}"] = _frobenius_norm(update)
         self.requests_edited += len(requests)
         metrics["edit/requests"] = float(self.requests_edited)

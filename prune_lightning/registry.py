@@ -118,6 +118,18 @@ class EditRegistry:
         self.snapshot = snapshot
         self.dense_rank_fraction = dense_rank_fraction
         self._entries: dict[str, EditedMatrix] = {}
+        self._root: Optional[nn.Module] = None
+
+    @property
+    def root(self) -> nn.Module:
+        """The module the tracked names are relative to (the Hugging Face model inside ``SequentialEditor``)."""
+        if self._root is None:
+            raise RuntimeError("The registry tracks no module yet: call track(model, names) first")
+        return self._root
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """The live parameter of a tracked matrix."""
+        return get_parameter(self.root, name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -136,7 +148,13 @@ class EditRegistry:
         return [n for n in self._entries if matches(n, patterns)]
 
     def track(self, model: nn.Module, names: Iterable[str]) -> list[str]:
-        """Snapshots ``W_0`` of every named parameter not tracked yet; returns the newly tracked names."""
+        """Snapshots ``W_0`` of every named parameter of ``model`` not tracked yet; returns the newly tracked names.
+
+        ``model`` becomes the registry's root: all names are relative to it, and one registry has one root.
+        """
+        if self._root is not None and self._root is not model:
+            raise ValueError("This registry already tracks parameters of another module")
+        self._root = model
         new = []
         for name in names:
             if name in self._entries:
@@ -150,19 +168,17 @@ class EditRegistry:
     def record(self, name: str, update: Update) -> None:
         self._entries[name].record(update)
 
-    def sync(self, model: nn.Module, names: Optional[Iterable[str]] = None) -> None:
+    def sync(self, names: Optional[Iterable[str]] = None) -> None:
         """In snapshot mode, refreshes ``dW = W - W_0`` of the named (default: all) matrices from the weights."""
         if not self.snapshot:
             return
-        params = dict(model.named_parameters())
         for name in names if names is not None else self._entries:
-            self._entries[name].sync_from(params[name])
+            self._entries[name].sync_from(self.parameter(name))
 
-    def write(self, model: nn.Module, names: Optional[Iterable[str]] = None) -> None:
+    def write(self, names: Optional[Iterable[str]] = None) -> None:
         """Rewrites the named (default: all) parameters as ``W_0 + dW``."""
-        params = dict(model.named_parameters())
         for name in names if names is not None else self._entries:
-            self._entries[name].write(params[name])
+            self._entries[name].write(self.parameter(name))
 
     def state_dict(self) -> dict:
         return {
@@ -172,13 +188,17 @@ class EditRegistry:
         }
 
     def load_state_dict(self, state: dict, model: Optional[nn.Module] = None) -> None:
-        """Restores the entries; entries not yet tracked are created (from ``state``'s ``W_0``)."""
+        """Restores the entries; entries not yet tracked are created (from ``state``'s ``W_0``) on ``model``."""
         self.snapshot = bool(state.get("snapshot", self.snapshot))
+        if model is not None:
+            if self._root is not None and self._root is not model:
+                raise ValueError("This registry already tracks parameters of another module")
+            self._root = model
         for name, entry_state in state["entries"].items():
             if name not in self._entries:
                 w0 = entry_state["w0"]
-                if model is not None:
-                    w0 = w0.to(get_parameter(model, name).device)
+                if self._root is not None:
+                    w0 = w0.to(self.parameter(name).device)
                 self._entries[name] = EditedMatrix(name, w0, offload=self.offload,
                                                    dense_rank_fraction=self.dense_rank_fraction)
             self._entries[name].load_state_dict(entry_state)

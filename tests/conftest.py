@@ -16,6 +16,17 @@ SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and two threads spin badly when anything else shares the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     """Every test session gets its own cache, so tests never depend on what an earlier run left behind."""
     cache = tmp_path_factory.mktemp("prune_lightning_cache")
@@ -69,15 +80,17 @@ def write_counterfact(path: Path, n: int, seed: int = 0) -> Path:
         records.append({
             "case_id": i,
             "requested_rewrite": {
-                "prompt": "{} was born in",
+                # Subject last: on a random-weight tiny model, a value written at the subject's last token reaches
+                # the next-token prediction only when that token is the last one of the prompt.
+                "prompt": "The hometown of {}",
                 "relation_id": "P19",
                 "subject": subject,
                 "target_new": {"str": new, "id": f"Q{100 + _CITIES.index(new)}"},
                 "target_true": {"str": true, "id": f"Q{100 + _CITIES.index(true)}"},
             },
-            "paraphrase_prompts": [f"Born long ago, {subject} came into the world in", f"{subject} is a native of"],
-            "neighborhood_prompts": [f"{o} Smith was born in" for o in others],
-            "attribute_prompts": [f"{others[0]} Jones was born in"],
+            "paraphrase_prompts": [f"Born long ago. The hometown of {subject}", f"The home town of {subject}"],
+            "neighborhood_prompts": [f"The hometown of {o} Smith" for o in others],
+            "attribute_prompts": [f"The hometown of {others[0]} Jones"],
             "generation_prompts": [f"{subject} grew up in"],
         })
     path.write_text(json.dumps(records, indent=1))

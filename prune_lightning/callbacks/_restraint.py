@@ -13,7 +13,6 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, short_name
-from prune_lightning.models import get_parameter
 from prune_lightning.registry import EditedMatrix
 
 _MODES = ("online", "post_hoc")
@@ -81,14 +80,14 @@ class RestraintCallback(MatrixCallback):
         """Restrains every selected matrix now, rewrites ``W = W_0 + dW`` and logs what it did."""
         registry = self._registry(pl_module)
         names = self._names(registry)
-        registry.sync(pl_module, names)
+        registry.sync(names)
         step = trainer.global_step
         metrics: dict[str, float] = {}
         for name in names:
             entry = registry[name]
             values = self.restrain_matrix(entry)
             if values.get("changed", 1.0):
-                entry.write(get_parameter(pl_module, name))
+                registry.write([name])
             values.pop("changed", None)
             metrics.update({f"{self.metric_prefix}/{short_name(name)}/{k}": float(v) for k, v in values.items()})
             self.history.append({"step": step, "name": name, **values})

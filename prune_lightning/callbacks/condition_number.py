@@ -21,7 +21,6 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, short_name
-from prune_lightning.models import get_parameter
 from prune_lightning.spectral import singular_value_extremes
 
 
@@ -87,7 +86,7 @@ class ConditionNumberMonitor(MatrixCallback):
         step = trainer.global_step
         registry = self._registry(pl_module)
         names = self._names(registry)
-        registry.sync(pl_module, names)
+        registry.sync(names)
         metrics: dict[str, float] = {}
         for name in names:
             entry = registry[name]
@@ -97,7 +96,7 @@ class ConditionNumberMonitor(MatrixCallback):
                 sigma_max, sigma_min = self._w0_extremes[name]
                 sigma_max_dw = 0.0
             else:
-                sigma_max, sigma_min = singular_value_extremes(get_parameter(pl_module, name).detach().float())
+                sigma_max, sigma_min = singular_value_extremes(registry.parameter(name).detach().float())
                 sigma_max_dw = entry.delta.sigma_max()
             kappa = sigma_max / sigma_min if sigma_min > 0 else float("inf")
             key = f"condition/{short_name(name)}"

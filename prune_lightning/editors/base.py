@@ -12,7 +12,7 @@ one; MEMIT: rank <= batch size) or a dense tensor (fine-tuning).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import torch
 from torch import nn
@@ -59,22 +59,31 @@ def update_to_dense(update: Update) -> torch.Tensor:
     return update.dense() if isinstance(update, LowRankUpdate) else update
 
 
-@runtime_checkable
-class Editor(Protocol):
-    """What an editing method provides to :class:`~prune_lightning.SequentialEditor`."""
+class Editor:
+    """Base class of the editing methods :class:`~prune_lightning.SequentialEditor` drives.
+
+    Subclass it (LightningCLI then offers every subclass as ``model.editor``); an object with the same three methods
+    also works when passed from Python.
+    """
 
     def parameter_names(self, model: nn.Module) -> list[str]:
         """The names of the parameters this editor writes into (raises a clear error for unknown modules)."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__} must implement parameter_names(model)")
 
-    def setup(self, model: nn.Module, tokenizer) -> None:
+    def setup(self, model: nn.Module, tokenizer: Any) -> None:
         """Called once before the first edit (load or compute statistics, check the model)."""
-        ...
 
-    def compute_update(self, model: nn.Module, tokenizer, requests: Sequence["EditRequest"]) -> dict[str, Update]:
-        """The updates for one edit batch, keyed by parameter name. Must not modify the model's weights.
+    def compute_update(self, model: nn.Module, tokenizer: Any, requests: Sequence["EditRequest"]) -> dict[str, Update]:
+        """The updates for one edit batch, keyed by parameter name. Must leave the model's weights as they were.
 
-        Editors that work layer by layer (MEMIT) may write intermediate layers themselves only if they also restore
+        Editors that work layer by layer (MEMIT) may write intermediate layers while they compute, but must restore
         them; the module writes the returned updates.
         """
-        ...
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_update(model, tokenizer, requests)")
+
+
+def implements_editor(obj: Any) -> bool:
+    """Whether ``obj`` is an :class:`Editor` or has its three methods (duck typing for editors from elsewhere)."""
+    return isinstance(obj, Editor) or all(
+        callable(getattr(obj, name, None)) for name in ("parameter_names", "setup", "compute_update")
+    )
