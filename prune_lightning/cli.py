@@ -42,14 +42,16 @@ class PruneEditCLI(LightningCLI):
         super().__init__(SequentialEditor, EditDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)
 
 
-def _offline_defaults() -> None:
-    # Without these, a missing hub file makes transformers retry for ~46 s before failing (STACK.md).
+def _quiet_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would drown the per-edit lines
 
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``prune-edit`` console script."""
-    _offline_defaults()
+    _quiet_defaults()
     try:
         PruneEditCLI(args=args)
     finally:

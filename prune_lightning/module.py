@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -30,6 +31,11 @@ from typing_extensions import override
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update, implements_editor
 from prune_lightning.models import load_causal_lm, load_tokenizer
 from prune_lightning.registry import EditRegistry
+
+# Both are by design here: there is no optimizer (edits are closed-form writes), and the model stays in eval mode
+# (no dropout while editors compute updates and evaluators score the model).
+warnings.filterwarnings("ignore", message=r".*`configure_optimizers` returned `None`.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class SequentialEditor(LightningModule):

@@ -240,3 +240,18 @@ def test_two_prune_callbacks_keep_separate_state(tiny_model_dir, rome_factory, c
 def test_prune_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PRUNECallback(**kwargs)
+
+
+def test_monitor_measures_after_restraints_whatever_the_order(tiny_model_dir, rome_factory, counterfact_file,
+                                                              make_trainer):
+    monitor, prune = ConditionNumberMonitor(), PRUNECallback(alpha=ALPHA)
+    module = SequentialEditor(model=str(tiny_model_dir), editor=rome_factory(), save_edited_model=False)
+    trainer = make_trainer([monitor, prune])  # listed before PRUNE
+    trainer.fit(module, datamodule=EditDataModule(source=str(counterfact_file(3))))
+    assert trainer.callbacks.index(monitor) > trainer.callbacks.index(prune)
+    assert any(h["restrained"] for h in prune.history)  # else before and after would coincide anyway
+    # Each step's sigma_max(dW) is the restrained one PRUNE left behind.
+    after = {h["step"]: h["sigma_max_dW_after"] for h in prune.history}
+    measured = {h["step"]: h["sigma_max_dW"] for h in monitor.history if not h["final"] and h["step"] > 0}
+    assert measured.keys() == after.keys()
+    assert all(measured[s] == pytest.approx(after[s], rel=1e-5) for s in after)

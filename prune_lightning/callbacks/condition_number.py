@@ -10,7 +10,9 @@ Cheap where that is exact: ``sigma_max(dW)`` comes from the low-rank factors, an
 spectrum of ``W_0`` computed once; ``kappa(W)`` of an edited matrix needs both extreme singular values and is
 computed exactly (no randomized estimate).
 
-Works inside :class:`~prune_lightning.SequentialEditor` and, given ``modules``, inside any LightningModule.
+Measurements always follow the restraint callbacks of the same write (PRUNE, RECT), whatever order the callbacks
+are listed in. Works inside :class:`~prune_lightning.SequentialEditor` and, given ``modules``, inside any
+LightningModule.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Sequence, Union
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, short_name
+from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, run_after_restraints, short_name
 from prune_lightning.spectral import singular_value_extremes
 
 
@@ -59,6 +61,7 @@ class ConditionNumberMonitor(MatrixCallback):
             raise NotImplementedError(
                 f"ConditionNumberMonitor does not support {strategy} yet: it needs the full matrices on every rank."
             )
+        run_after_restraints(trainer, self)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
