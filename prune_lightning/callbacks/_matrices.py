@@ -101,11 +101,14 @@ def run_after_restraints(trainer: Trainer, callback: Callback) -> None:
     """
     from prune_lightning.callbacks._restraint import RestraintCallback
 
-    callbacks = trainer.callbacks
+    callbacks = list(trainer.callbacks)
     last_restraint = max((i for i, c in enumerate(callbacks) if isinstance(c, RestraintCallback)), default=-1)
     position = callbacks.index(callback)
     if position < last_restraint:
         callbacks.insert(last_restraint, callbacks.pop(position))
+        # A new list: Lightning is iterating the old one right now (this runs inside the setup hook loop), and
+        # reordering it in place would skip the setup of the callback that slides into the freed slot.
+        trainer.callbacks = callbacks
 
 
 def short_name(name: str) -> str:
