@@ -113,6 +113,22 @@ def test_dense_update_switches_to_dense_and_sums():
     assert float(fresh.dense().abs().sum()) > 0
 
 
+def test_tracker_owns_its_factors():
+    gen = torch.Generator().manual_seed(11)
+    u, v = torch.randn(20, generator=gen), torch.randn(30, generator=gen)
+    want = torch.outer(u, v)
+    tracker = DeltaTracker((20, 30))
+    tracker.add(LowRankUpdate(u, v))
+    left, right = torch.randn(20, 2, generator=gen), torch.randn(30, 2, generator=gen)
+    other = DeltaTracker((20, 30))
+    other.set_lowrank(left, right)
+    want_other = left @ right.T
+    u.zero_()
+    left.zero_()
+    np.testing.assert_allclose(tracker.dense().numpy(), want.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(other.dense().numpy(), want_other.numpy(), rtol=1e-6)
+
+
 def test_shape_mismatch_and_bad_updates_raise():
     tracker = DeltaTracker((8, 6))
     with pytest.raises(ValueError, match=r"\(6, 8\).*\(8, 6\)"):

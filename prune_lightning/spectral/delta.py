@@ -148,8 +148,8 @@ class DeltaTracker:
         if self._delta is not None:
             self._delta.addmm_(left, right.T)
             return
-        if self._left is None:
-            self._left, self._right = left, right
+        if self._left is None:  # own the first factors: the caller may reuse its buffers
+            self._left, self._right = left.clone(), right.clone()
         else:
             self._left = torch.cat([self._left, left], dim=1)
             self._right = torch.cat([self._right, right], dim=1)
@@ -201,7 +201,7 @@ class DeltaTracker:
             self._left = self._right = None
             self._compressed_columns = 0
             return
-        self._left, self._right = self._cast(left), self._cast(right)
+        self._left, self._right = self._cast(left, copy=True), self._cast(right, copy=True)
         self._compressed_columns = self._left.shape[1]
         if self._left.shape[1] > self._dense_column_limit:
             self._after_columns_grew()
@@ -228,6 +228,8 @@ class DeltaTracker:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` with ``left @ right.T`` the update; zero-column factors when empty.
+
+        The tracker's own tensors, not copies: do not modify them in place (use :meth:`set_lowrank`).
 
         Raises:
             RuntimeError: If the tracker is dense.
