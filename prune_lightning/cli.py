@@ -4,6 +4,7 @@
     prune-edit fit --config configs/tiny.yaml --trainer.callbacks+=callbacks/prune.yaml
     prune-edit test --config configs/tiny.yaml --ckpt_path runs/.../last.ckpt
     prune-edit fit --print_config
+    prune-edit demo [--config configs/demo.yaml] [--output runs/demo]
 
 The model is a :class:`~prune_lightning.SequentialEditor` and the data an
 :class:`~prune_lightning.data.EditDataModule`; every argument of both, of the editor and of the trainer is
@@ -51,7 +52,16 @@ def _quiet_defaults() -> None:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``prune-edit`` console script."""
+    import sys
+
     _quiet_defaults()
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["demo"]:
+        # Not a Trainer method: the demo drives three fits itself (prune_lightning.demo.run).
+        from prune_lightning.demo.run import main as demo_main
+
+        demo_main(argv[1:])
+        return
     try:
         PruneEditCLI(args=args)
     finally:

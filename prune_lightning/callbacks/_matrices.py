@@ -111,6 +111,13 @@ def run_after_restraints(trainer: Trainer, callback: Callback) -> None:
         trainer.callbacks = callbacks
 
 
+def post_hoc_restraint(trainer: Trainer) -> bool:
+    """Whether a restraint callback rewrites the model in ``on_train_end`` (PRUNE / RECT with ``mode="post_hoc"``)."""
+    from prune_lightning.callbacks._restraint import RestraintCallback
+
+    return any(isinstance(c, RestraintCallback) and c.mode == "post_hoc" for c in trainer.callbacks)
+
+
 def short_name(name: str) -> str:
     """A parameter name for metric keys: ``transformer.h.17.mlp.c_proj.weight`` -> ``transformer.h.17.mlp.c_proj``."""
     return name[: -len(".weight")] if name.endswith(".weight") else name
@@ -132,4 +139,5 @@ def _as_tensor(value: float):
     return torch.tensor(float(value))
 
 
-__all__ = ["MatrixCallback", "log_metrics", "run_after_restraints", "short_name", "normalize_patterns"]
+__all__ = ["MatrixCallback", "log_metrics", "post_hoc_restraint", "run_after_restraints", "short_name",
+           "normalize_patterns"]

@@ -45,7 +45,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from prune_lightning.callbacks._matrices import log_metrics, run_after_restraints
+from prune_lightning.callbacks._matrices import log_metrics, post_hoc_restraint, run_after_restraints
 from prune_lightning.data.requests import EditRequest
 from prune_lightning.generation import find_language_model
 from prune_lightning.metrics.edit import CounterFactScore, ZsREScore
@@ -138,7 +138,7 @@ class EditQualityEvaluator(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self.last_step or _post_hoc_restraint(trainer):
+        if trainer.global_step != self.last_step or post_hoc_restraint(trainer):
             self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -230,10 +230,3 @@ def _compute(metric: Any) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update.*")
         return {name: float(value) for name, value in metric.compute().items()}
-
-
-def _post_hoc_restraint(trainer: Trainer) -> bool:
-    """Whether a restraint callback rewrites the model in ``on_train_end`` (PRUNE / RECT with ``mode="post_hoc"``)."""
-    from prune_lightning.callbacks._restraint import RestraintCallback
-
-    return any(isinstance(c, RestraintCallback) and c.mode == "post_hoc" for c in trainer.callbacks)

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from prune_lightning.callbacks._matrices import log_metrics, run_after_restraints
+from prune_lightning.callbacks._matrices import log_metrics, post_hoc_restraint, run_after_restraints
 from prune_lightning.data.tasks import TaskExample, get_task, load_task
 from prune_lightning.generation import find_language_model, generate_batched
 
@@ -160,7 +160,7 @@ class GeneralAbilityEvaluator(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self.last_step or _post_hoc_restraint(trainer):
+        if trainer.global_step != self.last_step or post_hoc_restraint(trainer):
             self.evaluate(trainer, pl_module)
         self._log_table(trainer)
 
@@ -226,10 +226,3 @@ class GeneralAbilityEvaluator(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
         self.history = [dict(row) for row in state_dict.get("history", [])]
-
-
-def _post_hoc_restraint(trainer: Trainer) -> bool:
-    """Whether a restraint callback rewrites the model in ``on_train_end`` (PRUNE / RECT with ``mode="post_hoc"``)."""
-    from prune_lightning.callbacks._restraint import RestraintCallback
-
-    return any(isinstance(c, RestraintCallback) and c.mode == "post_hoc" for c in trainer.callbacks)

@@ -92,21 +92,9 @@ ROME_PRESETS: dict[str, dict] = {
         mom2_dtype="float32",
         context_template_lengths=((5, 10), (10, 10)),
     ),
-    "llama3-8b": dict(
-        layer=5,
-        fact_token="subject_last",
-        v_num_grad_steps=25,
-        v_lr=0.5,
-        v_loss_layer=31,
-        v_weight_decay=1e-3,
-        clamp_norm_factor=4.0,
-        kl_factor=0.0625,
-        mom2_adjustment=False,
-        mom2_n_samples=100000,
-        mom2_dtype="float32",
-        context_template_lengths=((5, 10), (10, 10)),
-    ),
 }
+# LLaMA-3-8B uses the LLaMA-2-7B hyperparameters (PRUNE, appendix).
+ROME_PRESETS["llama3-8b"] = dict(ROME_PRESETS["llama2-7b"])
 
 _FACT_TOKENS = ("subject_last", "last")
 # Openings of the generated context templates (cycled through).

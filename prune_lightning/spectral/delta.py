@@ -30,6 +30,7 @@ import torch
 from prune_lightning.spectral.condition import spectral_norm
 from prune_lightning.spectral.restraint import (
     _check_alpha,
+    _check_factors,
     _check_kind,
     _check_sigma,
     _dense_svd,
@@ -188,13 +189,7 @@ class DeltaTracker:
             left: ``(m, r)``.
             right: ``(n, r)``.
         """
-        if left.ndim == 1:
-            left = left[:, None]
-        if right.ndim == 1:
-            right = right[:, None]
-        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1]:
-            raise ValueError(f"factors must be left (m, r) and right (n, r); got {tuple(left.shape)} and "
-                             f"{tuple(right.shape)}")
+        left, right = _check_factors(left, right)
         self._check_shape((left.shape[0], right.shape[0]), "left @ right.T")
         self._delta = None
         if left.shape[1] == 0:
