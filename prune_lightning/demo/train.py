@@ -13,11 +13,14 @@ temporary sibling and renamed to ``<cache>/demo/gpt2-<key>``; ``<key>`` hashes t
 settings. A later call with the same settings returns that directory without training. The same seed gives the
 same world, the same data order and the same weights.
 
-Sizing (2 CPU threads; see the shared STACK notes): 4 layers, ``d = 128``, 4 heads, a 1024-token vocabulary; AdamW
-at ``3e-3`` after a short warm-up, batch 64. :func:`fact_accuracy` and :func:`rewrite_accuracy` say how well the
-model knows the world (target_true beats another object under :func:`prune_lightning.metrics.target_nll`), and
-:func:`mlp_out_sigma_max` gives the largest singular value of each MLP out-projection, the matrices ROME writes
-into: PRUNE's log restraint shrinks values only where ``sigma_max * ln(alpha) > 1``.
+Sizing (measured on 2 CPU threads of an AMD EPYC, nothing else running): 4 layers, ``d = 128``, 4 heads, a
+1024-token vocabulary, no dropout; AdamW at ``3e-3`` after 100 warm-up steps, cosine decay to ``3e-4``; batches of
+32 texts of similar length (about 50 ms a step), 3000 steps: about 2.5-3 minutes. The model then prefers the true
+object to the requested new one on all the rewrite prompts of 300 requests, and solves the general-ability tasks
+(copying, entailment, most additions). :func:`fact_accuracy` and :func:`rewrite_accuracy` measure that knowledge
+(target_true against another object under :func:`prune_lightning.metrics.target_nll`); :func:`mlp_out_sigma_max`
+gives the largest singular value of each MLP out-projection, the matrices ROME writes into: PRUNE's log restraint
+shrinks values only where ``sigma_max * ln(alpha) > 1``.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ class DemoTrainingConfig:
     n_head: int = 4
     vocab_size: int = 1024
     n_positions: int = 64
-    steps: int = 2500
-    batch_size: int = 64
+    steps: int = 3000
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 100
     final_lr_fraction: float = 0.1
