@@ -259,6 +259,10 @@ class World:
             settings=settings,
         )
 
+    def __repr__(self) -> str:
+        relations = ", ".join(r.relation_id for r in self.relations)
+        return f"World(seed={self.seed}, entities={len(self.entities)}, relations=[{relations}])"
+
     @classmethod
     def from_settings(cls, settings: dict) -> "World":
         """Re-generates the world that :attr:`settings` describe (as written into a demo checkpoint's world.json).
@@ -486,7 +490,9 @@ class World:
         """
         directory = Path(directory)
         records = self.task_records(n_per_task, seed, n_requests, request_seed)
-        return {f"demo-{stem}": write_atomic(directory / f"{stem}.jsonl", _jsonl(rows)) for stem, rows in records.items()}
+        return {
+            f"demo-{stem}": write_atomic(directory / f"{stem}.jsonl", _jsonl(rows)) for stem, rows in records.items()
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------------
