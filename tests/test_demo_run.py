@@ -23,16 +23,30 @@ def test_demo_writes_the_comparison(tmp_path, monkeypatch):
     assert "efficacy" in header and "demo-arithmetic" in header and "kappa transformer.h.1.mlp.c_proj" in header
     for name in ("kappa.png", "general_ability.png", "singular_values.png"):
         assert (output / name).stat().st_size > 1000
-    for run in ("none", "online", "post_hoc"):
+    # Two fits: the row without restraint is the post-hoc fit before its restraint.
+    for run in ("online", "post_hoc"):
         assert (output / "logs" / run / "version_0" / "metrics.csv").exists()
-    assert len(list((output / "wandb").glob("offline-run-*"))) == 3
+    assert len(list((output / "wandb").glob("offline-run-*"))) == 2
 
     results = json.loads((output / "results.json").read_text())
-    # Same edits in all three runs; PRUNE leaves a smaller accumulated update than no restraint.
+    # PRUNE leaves a smaller accumulated update than no restraint.
     top = {key: max(spectrum["s"]) for key, run in results.items() for spectrum in run["spectra"].values()}
     assert top["online"] < top["none"] and top["post_hoc"] < top["none"]
     assert results["none"]["prune"] == [] and len(results["post_hoc"]["prune"]) == 1
     assert len(results["online"]["prune"]) == 4
+    # "none" holds the post-hoc fit's measurements up to, not including, its restraint: same edits, same curve.
+    none, post = results["none"], results["post_hoc"]
+    assert none["general"] == post["general"][: len(none["general"])]
+    assert len(post["general"]) > len(none["general"])
+    assert [r["step"] for r in none["monitor"]] == [0, 2, 4]
+    assert none["monitor"][-1]["final"] and none["monitor"][-1]["kappa"] != post["monitor"][-1]["kappa"]
+
+
+def test_demo_needs_the_last_edit_measured(tmp_path):
+    config = tmp_path / "demo.yaml"
+    config.write_text("n_requests: 10\nevery_n_edits: 4\n")
+    with pytest.raises(ValueError, match="multiple of every_n_edits"):
+        main(["demo", "--config", str(config), "--output", str(tmp_path / "out")])
 
 
 def test_demo_rejects_unknown_settings(tmp_path):
