@@ -1,11 +1,25 @@
 """Editing methods: each turns a batch of ``EditRequest`` into weight updates (see :mod:`.base` for the protocol).
 
-    from prune_lightning.editors import ROME
+    from prune_lightning.editors import ROME, MEMIT, FineTune
     editor = ROME.preset("gpt2-xl")          # the paper's hyperparameters
+    editor = MEMIT.preset("llama3-8b")       # a batch of facts spread over layers 4-8
+    editor = FineTune(layers=[0])            # FT-L: constrained fine-tuning, dense updates
 """
 
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
+from prune_lightning.editors.ft import FineTune
+from prune_lightning.editors.memit import MEMIT, MEMIT_PRESETS
 from prune_lightning.editors.rome import ROME, ROME_PRESETS
 from prune_lightning.editors.stats import second_moment
 
-__all__ = ["Editor", "LowRankUpdate", "Update", "ROME", "ROME_PRESETS", "second_moment"]
+__all__ = [
+    "Editor",
+    "LowRankUpdate",
+    "Update",
+    "ROME",
+    "ROME_PRESETS",
+    "MEMIT",
+    "MEMIT_PRESETS",
+    "FineTune",
+    "second_moment",
+]
