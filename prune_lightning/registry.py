@@ -12,6 +12,12 @@ exactly) and ``dW``. :class:`EditRegistry` holds them:
 
 The weight itself is always rewritten from the registry as ``W = W_0 + dW`` (:meth:`EditedMatrix.write`), so the
 registry and the model cannot drift apart, whatever the parameter's dtype.
+
+Sharded parameters (FSDP2, ``torch.distributed.fsdp.fully_shard``: the parameter is a ``DTensor`` whose local part is
+one shard). The registry holds ``W_0`` and ``dW`` in full on every rank - they are what PRUNE and the condition
+numbers work on, and every rank computes the same values from them - and touches the sharded parameter only through
+:func:`full_weight` (gathers *that one* matrix: an all-gather every rank takes part in) and :func:`write_weight`
+(each rank copies its own shard of the new full matrix: no communication). Nothing else of the model is gathered.
 """
 
 from __future__ import annotations
@@ -25,6 +31,42 @@ from torch import nn
 from prune_lightning.editors.base import Update
 from prune_lightning.models import get_parameter
 from prune_lightning.spectral import DeltaTracker, spectral_norm
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether a parameter is sharded across ranks (a ``DTensor``, as FSDP2's ``fully_shard`` makes them)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_weight(param: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a parameter, detached; a sharded (``DTensor``) one is all-gathered.
+
+    For a sharded parameter this is a collective: every rank must call it for the same parameters in the same order.
+    """
+    if is_sharded(param):
+        return param.detach().full_tensor()
+    return param.detach()
+
+
+@torch.no_grad()
+def write_weight(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Sets a parameter to the whole matrix ``full`` (cast to its dtype); a sharded parameter keeps only its shard.
+
+    Every rank holds the same ``full`` (the registry is replicated), so each cuts its own shard locally
+    (``src_data_rank=None``): no communication.
+    """
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = full.to(device=param.to_local().device, dtype=param.dtype)
+        shard = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+        return
+    param.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
 class EditedMatrix:
@@ -42,7 +84,8 @@ class EditedMatrix:
             raise ValueError(f"Only matrices can be tracked; {name!r} has shape {tuple(w0.shape)}")
         self.name = name
         self.offload = offload
-        self.w0 = w0.detach().to("cpu" if offload else w0.device, copy=True)
+        w0 = full_weight(w0)
+        self.w0 = w0.to("cpu" if offload else w0.device, copy=True)
         self.delta = DeltaTracker(tuple(w0.shape), dtype=torch.float32, device=w0.device,
                                   dense_rank_fraction=dense_rank_fraction)
         self._sigma_max0: Optional[float] = None
@@ -65,16 +108,24 @@ class EditedMatrix:
         """Adds one write's update to ``dW`` (low-rank factors stay factors)."""
         self.delta.add(update)
 
+    def weight(self) -> torch.Tensor:
+        """``W = W_0 + dW`` in float32, whole (what the parameter holds, shards put together)."""
+        device = self.delta.device
+        return self.w0_on(device) + self.delta.dense().to(device)
+
     @torch.no_grad()
     def write(self, param: torch.Tensor) -> None:
-        """Sets the parameter to ``W_0 + dW``."""
-        w = self.w0_on(param.device) + self.delta.dense().to(param.device)
-        param.copy_(w.to(param.dtype))
+        """Sets the parameter to ``W_0 + dW`` (a sharded parameter: its own shard of it)."""
+        write_weight(param, self.weight())
 
     @torch.no_grad()
     def sync_from(self, param: torch.Tensor) -> None:
-        """Reads ``dW = W - W_0`` off the weights (the dense path for modules that change weights by themselves)."""
-        self.delta.set_dense(param.detach().float() - self.w0_on(param.device))
+        """Reads ``dW = W - W_0`` off the weights (the dense path for modules that change weights by themselves).
+
+        A sharded parameter is gathered: every rank must call this for the same matrices.
+        """
+        full = full_weight(param).float()
+        self.delta.set_dense(full - self.w0_on(full.device))
 
     def state_dict(self) -> dict:
         return {
@@ -198,10 +249,14 @@ class EditRegistry:
             if name not in self._entries:
                 w0 = entry_state["w0"]
                 if self._root is not None:
-                    w0 = w0.to(self.parameter(name).device)
+                    w0 = w0.to(_local_device(self.parameter(name)))
                 self._entries[name] = EditedMatrix(name, w0, offload=self.offload,
                                                    dense_rank_fraction=self.dense_rank_fraction)
             self._entries[name].load_state_dict(entry_state)
+
+
+def _local_device(param: torch.Tensor) -> torch.device:
+    return param.to_local().device if is_sharded(param) else param.device
 
 
 def find_registry(module: nn.Module) -> Optional[EditRegistry]:
