@@ -11,10 +11,23 @@ checkpoints and step-indexed logging all count edit batches.
 
 At the end of fit the edited model (and its tokenizer) is saved with ``save_pretrained`` (safetensors) into
 ``<run dir>/edited_model``, ready for ``AutoModelForCausalLM.from_pretrained``.
+
+Several processes (``strategy="ddp"``, ``"ddp_spawn"``, any ``DDPStrategy``; see :mod:`prune_lightning.distributed`).
+Every rank holds the whole model and edits every request, in order - a data-parallel split of the stream would make
+the replicas drift apart. What is spread is the work inside a step: the editor runs inside
+:func:`~prune_lightning.distributed.split_work` (ROME splits its context-template rows across the ranks), the update
+factors it returns are broadcast from rank 0 (``(m + n) x r`` numbers) so every rank writes the same bits, and each
+step first checks that all ranks received the same batch. Lightning wraps the module in ``DistributedDataParallel``,
+which refuses a module without a trainable parameter and would otherwise allocate gradient buckets as large as the
+model; the model's parameters are therefore frozen for the fit (editors enable what they differentiate themselves)
+and the module gets a one-element ``ddp_anchor`` parameter, which is never used, never saved and never loaded.
+Under ``ddp_spawn`` the process group is destroyed when the worker's run ends (STACK.md: otherwise exit code 134 now
+and then); with ``strategy="ddp"`` the caller does it (``prune-edit`` does). DeepSpeed and FSDP are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -24,10 +37,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from lightning.pytorch import LightningModule
+import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 from typing_extensions import override
 
+from prune_lightning import distributed
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update, implements_editor
 from prune_lightning.models import load_causal_lm, load_tokenizer
 from prune_lightning.registry import EditRegistry
@@ -87,6 +104,10 @@ class SequentialEditor(LightningModule):
         self.requests_edited = 0
         self.automatic_optimization = False
         self._editor_ready = False
+        self._replicated = False  # editing on several processes (set in setup)
+        self._grad_flags: dict[nn.Parameter, bool] = {}
+        self.register_state_dict_post_hook(_drop_ddp_anchor)
+        self.register_load_state_dict_post_hook(_ignore_ddp_anchor)
 
     # ------------------------------------------------------------------------------------------------------------
     # set-up
@@ -96,13 +117,32 @@ class SequentialEditor(LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
         if self._trainer is not None and self.trainer.world_size > 1:
-            raise NotImplementedError(
-                f"Sequential editing under {strategy} with {self.trainer.world_size} processes is not supported yet: "
-                "each rank would edit different requests and the replicas would drift apart. Run on one device."
-            )
+            _check_strategy(self.trainer)
+            self._prepare_replicas()
         self.prepare_editor()
+
+    def _prepare_replicas(self) -> None:
+        """Before Lightning wraps the module in ``DistributedDataParallel``: freeze the model, add the anchor."""
+        self._replicated = distributed.is_distributed()
+        if not self._grad_flags:
+            self._grad_flags = {p: p.requires_grad for p in self.model.parameters()}
+        self.model.requires_grad_(False)
+        if "ddp_anchor" not in self._parameters:
+            # DDP needs one trainable parameter; nothing uses it, so its gradient bucket is four bytes.
+            self.ddp_anchor = nn.Parameter(torch.zeros(1, device=next(self.model.parameters()).device))
+
+    @override
+    def teardown(self, stage: str) -> None:
+        for param, flag in self._grad_flags.items():
+            param.requires_grad_(flag)
+        self._grad_flags = {}
+        self._replicated = False
+        if self._trainer is not None and _workers_end_with_run(self.trainer) and dist.is_initialized():
+            # ddp_spawn / ddp_fork: this worker process ends now. Destroying the group avoids the intermittent
+            # "terminate called without an active exception" (exit 134) at exit (STACK.md).
+            dist.barrier()
+            dist.destroy_process_group()
 
     def prepare_editor(self) -> None:
         """Runs the editor's set-up (statistics, templates) and starts tracking its matrices; idempotent."""
@@ -132,6 +172,8 @@ class SequentialEditor(LightningModule):
     @override
     def training_step(self, batch: Sequence, batch_idx: int) -> None:
         start = time.perf_counter()
+        if self._replicated:
+            _check_same_batch(batch, batch_idx)
         metrics = self.apply_edit(batch)
         metrics["edit/seconds"] = time.perf_counter() - start
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
@@ -142,13 +184,16 @@ class SequentialEditor(LightningModule):
     def apply_edit(self, requests: Sequence) -> dict[str, float]:
         """Computes the editor's updates for one batch, writes them and records them; returns metrics to log."""
         self.prepare_editor()
-        updates = self.editor.compute_update(self.model, self.tokenizer, requests)
+        with distributed.split_work() if self._replicated else contextlib.nullcontext():
+            updates = self.editor.compute_update(self.model, self.tokenizer, requests)
         unknown = [name for name in updates if name not in self.edit_registry]
         if unknown:
             raise RuntimeError(
                 f"{type(self.editor).__name__} returned updates for {unknown}, which are not among its "
                 f"parameter_names() {self.edited_parameter_names}"
             )
+        if self._replicated:
+            updates = _broadcast_updates(updates)
         metrics: dict[str, float] = {}
         with torch.no_grad():
             for name, update in updates.items():
@@ -181,6 +226,8 @@ class SequentialEditor(LightningModule):
             from prune_lightning.metrics import CounterFactScore, ZsREScore
 
             self._quality = {s: (CounterFactScore(), ZsREScore()) for s in ("val", "test")}
+        # On the module's device: that is where NCCL sums the states across ranks.
+        self._quality[stage] = tuple(metric.to(self.device) for metric in self._quality[stage])
         return self._quality[stage]
 
     def _quality_step(self, batch: Sequence, stage: str) -> None:
@@ -193,8 +240,13 @@ class SequentialEditor(LightningModule):
     def _quality_epoch_end(self, stage: str) -> None:
         metrics = {}
         for kind, metric in zip(("counterfact", "zsre"), self._quality_metrics(stage)):
-            if metric.update_called:
-                metrics.update({f"{stage}/{kind}/{k}": v for k, v in metric.compute().items()})
+            # Every rank computes both (compute() sums the states of all ranks, which each scored a shard of the
+            # requests); a kind no rank scored has no efficacy case and is not logged.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update.*")
+                values = metric.compute()
+            if not torch.isnan(values["efficacy"]):
+                metrics.update({f"{stage}/{kind}/{k}": v for k, v in values.items()})
             metric.reset()
         if metrics:
             self.log_dict(metrics, sync_dist=False)
@@ -258,6 +310,71 @@ class SequentialEditor(LightningModule):
         os.replace(tmp, path)
         self.print(f"Edited model saved to {path}")
         return path
+
+
+def _check_strategy(trainer: Trainer) -> None:
+    """Refuses the strategies that sequential editing on several processes does not support (yet)."""
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if "DeepSpeed" in name:
+        raise NotImplementedError(
+            f"SequentialEditor does not support {name}: DeepSpeed partitions the parameters and wraps their "
+            "updates, while an edit writes whole matrices in closed form. Use strategy='ddp'."
+        )
+    if "FSDP" in name:
+        raise NotImplementedError(
+            f"SequentialEditor does not support {name} yet: an edit reads and writes whole matrices, which FSDP "
+            "shards across the ranks. Use strategy='ddp' (every rank holds the whole model)."
+        )
+    if not isinstance(strategy, DDPStrategy):
+        raise NotImplementedError(
+            f"SequentialEditor runs on {trainer.world_size} processes only under a DDPStrategy ('ddp', "
+            f"'ddp_spawn', ...), which keeps a whole replica of the model on every rank; got {name}."
+        )
+
+
+def _workers_end_with_run(trainer: Trainer) -> bool:
+    """Whether the processes of this run end with it (``ddp_spawn`` / ``ddp_fork``), not with the script."""
+    return getattr(trainer.strategy, "_start_method", "popen") != "popen"
+
+
+def _check_same_batch(batch: Sequence, batch_idx: int) -> None:
+    """Raises on every rank if the ranks received different requests (a loader split by a distributed sampler)."""
+    if not distributed.same_on_all_ranks(list(batch)):
+        raise RuntimeError(
+            f"The ranks received different edit batches at batch {batch_idx}: sequential editing needs every rank "
+            "to edit the same requests in the same order (a distributed sampler split the stream?). Use "
+            "EditDataModule, whose train loader is never split, or give every rank the whole stream."
+        )
+
+
+def _broadcast_updates(updates: dict[str, Update]) -> dict[str, Update]:
+    """Rank 0's updates on every rank: each rank computed the same ones, up to the last bits of its own arithmetic."""
+    out: dict[str, Update] = {}
+    for name in sorted(updates):
+        update = updates[name]
+        if isinstance(update, LowRankUpdate):
+            left, right = update.left, update.right
+            if left.dtype == right.dtype and left.device == right.device:
+                flat = distributed.broadcast_(torch.cat([left.reshape(-1), right.reshape(-1)]))
+                left, right = flat[: left.numel()].view_as(left), flat[left.numel():].view_as(right)
+            else:
+                left, right = distributed.broadcast_(left.clone()), distributed.broadcast_(right.clone())
+            out[name] = LowRankUpdate(left, right)
+        else:
+            out[name] = distributed.broadcast_(update.detach().clone())
+    return out
+
+
+def _drop_ddp_anchor(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: the DDP anchor parameter is not part of the model and never saved."""
+    state_dict.pop(prefix + "ddp_anchor", None)
+
+
+def _ignore_ddp_anchor(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load hook: a module with the DDP anchor loads checkpoints without it."""
+    keys = incompatible_keys.missing_keys
+    keys[:] = [key for key in keys if key != "ddp_anchor" and not key.endswith(".ddp_anchor")]
 
 
 def _frobenius_norm(update: Update) -> float:

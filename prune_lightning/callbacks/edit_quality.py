@@ -31,8 +31,14 @@ Validate / test. This callback acts during fit only. ``prune-edit test`` (and ``
 quality of the requests: ``SequentialEditor.test_step`` logs ``test/counterfact/*`` and ``test/zsre/*``, so the
 callback adds nothing there.
 
-Distributed. Each rank keeps the requests of its own batches; the metrics sum their states across ranks in
-``compute()``, which every rank calls, so the logged scores cover all ranks' requests.
+Distributed. Under :class:`~prune_lightning.SequentialEditor` every rank edits every request (see
+:mod:`prune_lightning.distributed`), so every rank keeps them all; each scores its shard (requests
+``rank::world_size``, of the batch for the pre-edit values) and the metrics' states (sums and case counts) are summed
+across ranks - in ``compute()``, which every rank calls, for the post-edit scores; right after each batch for the
+pre-edit running sums, so every rank (and the checkpoint, written by rank 0) holds the totals. The logged scores are
+those of all requests, and :attr:`EditQualityEvaluator.history` holds them on every rank. In a data-parallel loop
+whose ranks receive different batches (the first batch tells, by one small collective), each rank scores all of its
+own requests and the states are summed in ``compute()`` alike.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from prune_lightning import distributed
 from prune_lightning.callbacks._matrices import log_metrics, post_hoc_restraint, run_after_restraints
 from prune_lightning.data.requests import EditRequest
 from prune_lightning.generation import find_language_model
@@ -61,9 +68,10 @@ def _fresh_metrics(device: torch.device) -> dict[str, Any]:
     return {"counterfact": CounterFactScore().to(device), "zsre": ZsREScore().to(device)}
 
 
-def _pre_edit_metric(kind: str, state: Optional[dict[str, float]], device: torch.device) -> Any:
-    """A new metric of ``kind`` holding the accumulated pre-edit ``state`` (sums and counts)."""
-    metric = _fresh_metrics(device)[kind]
+def _pre_edit_metric(kind: str, state: Optional[dict[str, float]], device: torch.device, totals: bool) -> Any:
+    """A new metric of ``kind`` holding the accumulated pre-edit ``state`` (sums and counts); with ``totals`` these are
+    already summed over all ranks, and the metric does not sync."""
+    metric = (CounterFactScore if kind == "counterfact" else ZsREScore)(sync_on_compute=not totals).to(device)
     if state:
         metric.merge_state({name: torch.tensor(value, dtype=torch.float64, device=device)
                             for name, value in state.items()})
@@ -101,6 +109,8 @@ class EditQualityEvaluator(Callback):
         # Running sums of the pre-edit metrics' states (kind -> state name -> value), plain floats for checkpoints.
         self._pre_states: dict[str, dict[str, float]] = {}
         self._pending_pre: Optional[dict[str, dict[str, float]]] = None
+        # Whether all ranks walk the same request stream (decided at the first batch of a fit; True on one process).
+        self._replicated: Optional[bool] = None
 
     @property
     def state_key(self) -> str:
@@ -116,11 +126,14 @@ class EditQualityEvaluator(Callback):
             return
         find_language_model(pl_module, type(self).__name__)
         run_after_restraints(trainer, self)
+        self._replicated = None
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         requests = _as_requests(batch)
-        self._pending_pre = self._score_pre_edit(pl_module, requests) if self.pre_edit else None
+        if self._replicated is None:
+            self._replicated = distributed.same_on_all_ranks(requests)
+        self._pending_pre = self._score_pre_edit(trainer, pl_module, requests) if self.pre_edit else None
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -145,14 +158,28 @@ class EditQualityEvaluator(Callback):
     # scoring
     # ------------------------------------------------------------------------------------------------------------
 
-    def _score_pre_edit(self, pl_module: LightningModule, requests: list[EditRequest]) -> dict[str, dict[str, float]]:
+    def _score_pre_edit(self, trainer: Trainer, pl_module: LightningModule,
+                        requests: list[EditRequest]) -> dict[str, dict[str, float]]:
+        """The metric states (sums, counts) of ``requests`` on the current model, summed over the ranks' shards."""
         model, tokenizer = find_language_model(pl_module, type(self).__name__)
-        metrics = _fresh_metrics(next(model.parameters()).device)
-        update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, requests,
-                            batch_size=self.batch_size)
-        kinds = {_kind(r) for r in requests}
-        return {kind: {name: float(value) for name, value in metrics[kind].metric_state.items()}
-                for kind in _KINDS if kind in kinds}
+        device = next(model.parameters()).device
+        metrics = _fresh_metrics(device)
+        shard = self._shard(trainer, requests)
+        if shard:
+            update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, shard,
+                                batch_size=self.batch_size)
+        kinds = [kind for kind in _KINDS if any(_kind(r) == kind for r in requests)]  # the same on every rank
+        names = {kind: list(metrics[kind].metric_state) for kind in kinds}
+        values = [metrics[kind].metric_state[name].to(device, torch.float64) for kind in kinds for name in names[kind]]
+        totals = torch.stack(values) if values else torch.zeros(0)
+        if self._replicated is not False:
+            totals = distributed.all_reduce_sum_(totals)
+        totals = totals.tolist()
+        out, position = {}, 0
+        for kind in kinds:
+            out[kind] = dict(zip(names[kind], totals[position:position + len(names[kind])]))
+            position += len(names[kind])
+        return out
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Scores every request edited so far on the current model and logs the scores; returns the logged values."""
@@ -160,8 +187,9 @@ class EditQualityEvaluator(Callback):
         device = next(model.parameters()).device
         step = trainer.global_step
         metrics = _fresh_metrics(device)
-        if self.requests:
-            update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, self.requests,
+        shard = self._shard(trainer, self.requests)
+        if shard:
+            update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, shard,
                                 batch_size=self.batch_size)
         kinds = {_kind(r) for r in self.requests}
         values: dict[str, float] = {}
@@ -171,7 +199,8 @@ class EditQualityEvaluator(Callback):
             if kind in kinds:
                 values.update({f"edit_quality/{kind}/{name}": value for name, value in scores.items()})
             if self.pre_edit:
-                pre_scores = _compute(_pre_edit_metric(kind, self._pre_states.get(kind), device))
+                pre_scores = _compute(_pre_edit_metric(kind, self._pre_states.get(kind), device,
+                                                       totals=self._replicated is not False))
                 if kind in self._pre_states:
                     values.update({f"edit_quality_pre/{kind}/{name}": value for name, value in pre_scores.items()})
         for key, value in values.items():
@@ -181,6 +210,12 @@ class EditQualityEvaluator(Callback):
         self.last_step = step
         log_metrics(trainer, values, step)
         return values
+
+    def _shard(self, trainer: Trainer, requests: list[EditRequest]) -> list[EditRequest]:
+        """This rank's share of ``requests``: its shard when all ranks hold the same ones, else all of them."""
+        if self._replicated is False:
+            return list(requests)
+        return distributed.shard(requests, trainer.global_rank, trainer.world_size)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoint

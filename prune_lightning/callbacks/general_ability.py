@@ -16,8 +16,10 @@ callbacks are listed in; the end-of-fit evaluation follows a post-hoc restraint.
 already evaluated at that step and no restraint runs post hoc (nothing could have changed).
 
 Distributed. Each rank generates for its shard of every task (examples ``rank::world_size``) and updates the task's
-metric with it; the torchmetrics metrics sum their states across ranks in ``compute()``, which every rank calls, so
-the logged score is that of all examples.
+metric with it; the torchmetrics metrics sum their states (score sums and example counts) across ranks in
+``compute()``, which every rank calls - also a rank whose shard is empty - so the logged score is that of all
+examples, the single-process score, and :attr:`GeneralAbilityEvaluator.history` holds it on every rank. Loggers write
+on rank 0 only.
 
 Where. Inside :class:`~prune_lightning.SequentialEditor` and inside any LightningModule that has ``.model`` (a Hugging
 Face causal LM) and ``.tokenizer``; other modules are refused in ``setup``. The tasks' examples are read once, in
@@ -26,6 +28,7 @@ Face causal LM) and ``.tokenizer``; other modules are refused in ``setup``. The 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -198,7 +201,7 @@ class GeneralAbilityEvaluator(Callback):
                     model, tokenizer, [e.prompt for e in shard], spec.max_new_tokens, batch_size=self.batch_size
                 )
                 metric.update([spec.prediction(g) for g in generations], [list(e.references) for e in shard])
-            value = float(metric.compute())  # every rank calls compute: the states are summed across ranks
+            value = float(_compute(metric))  # every rank calls compute: the states are summed across ranks
             metrics[f"general/{task.name}/{spec.metric}"] = value
             self.history.append({"step": step, "task": task.name, "metric": spec.metric, "value": value})
         self.last_step = step
@@ -226,3 +229,10 @@ class GeneralAbilityEvaluator(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
         self.history = [dict(row) for row in state_dict.get("history", [])]
+
+
+def _compute(metric: Any) -> Any:
+    # A rank whose shard is empty never called update(); its zero states still join the sum across ranks.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update.*")
+        return metric.compute()

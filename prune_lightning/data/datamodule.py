@@ -21,6 +21,14 @@ skipping a fact would change the result. The train loader is a *stateful* ``Data
   ``ready == num_training_batches``) stay right; a loader that simply left out the edited batches would end the
   resumed epoch early whenever fewer than half of the batches were done.
 
+Several processes. Sequential editing is order-dependent, so under DDP every rank must edit *every* request, in
+order (see :mod:`prune_lightning.distributed`). Lightning replaces the sampler of a loader with a
+``DistributedSampler`` that splits it across the ranks unless the loader's sampler already is one; both samplers
+here therefore are ``DistributedSampler`` subclasses by type - which keeps Lightning away whatever
+``Trainer(use_distributed_sampler=...)`` says - and decide the indices themselves: the train loader gives every rank
+the whole stream (and resumes as above); the validate / test loaders give each rank its shard of the requests
+(``rank::world_size``, never padded with repeats, so the summed edit-quality metrics count every request once).
+
 The datamodule's own ``state_dict`` holds a fingerprint of the stream (source, format, offset, limit, batch size,
 number of requests and a digest of their content); resuming with a different stream is refused.
 """
@@ -34,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from prune_lightning.data.counterfact import read_counterfact
 from prune_lightning.data.requests import EditRequest
@@ -74,14 +82,47 @@ def _collate(batch: list[EditRequest]) -> list[EditRequest]:
     return list(batch)
 
 
-class _ResumableSampler(Sampler[int]):
-    """Indices ``0 .. n - 1`` in order; after :meth:`start_at` the next iteration (only) begins later.
+class _OrderedSampler(DistributedSampler):
+    """Indices in order, never shuffled nor padded: ``rank, rank + world_size, ...`` of ``0 .. n - 1``.
+
+    A ``DistributedSampler`` by type only, so that Lightning does not put one of its own in its place (it leaves
+    loaders whose sampler is one alone); the constructor of ``DistributedSampler`` - which asks
+    ``torch.distributed`` for the rank - is not called. ``set_epoch`` (Lightning calls it) changes nothing.
+
+    Args:
+        num_items: Length of the dataset.
+        rank: This rank's shard (``0`` with ``world_size=1``: everything).
+        world_size: Number of shards.
+    """
+
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.num_items = num_items
+        self.rank = rank
+        self.num_replicas = world_size
+        self.shuffle = False
+        self.drop_last = False
+        self.seed = 0
+        self.epoch = 0
+        self.num_samples = len(range(rank, num_items, world_size))
+        self.total_size = num_items
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_items, self.num_replicas))
+
+
+class _ResumableSampler(_OrderedSampler):
+    """Indices ``0 .. n - 1`` in order, on every rank; after :meth:`start_at` the next iteration (only) begins later.
 
     ``len`` stays ``n`` so that the loader's length - and Lightning's batch accounting - never changes.
     """
 
     def __init__(self, num_items: int) -> None:
-        self.num_items = num_items
+        super().__init__(num_items)
         self._start = 0
 
     def start_at(self, index: int) -> None:
@@ -147,7 +188,7 @@ class _EditLoader(DataLoader):
         if self.sampler is not self._resume_sampler:
             raise RuntimeError(
                 "Cannot resume the edit stream: its sampler was replaced (a distributed sampler?). "
-                "Sequential editing runs every request on one process; set Trainer(use_distributed_sampler=False)."
+                "Sequential editing needs every request, in order, on every process."
             )
         # A checkpoint written when the epoch's last batch was edited starts the next epoch from the beginning.
         self._resume_sampler.start_at(done * self.batch_size if 0 < done < len(self) else 0)
@@ -232,20 +273,27 @@ class EditDataModule(LightningDataModule):
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        """Edit batches in order; after a mid-epoch resume, from the first batch not yet edited."""
+        """Edit batches in order - the whole stream on every rank; after a mid-epoch resume, from the first batch not
+        yet edited."""
         return _EditLoader(self.requests, self.batch_size, self.num_workers, batches_done=self._batches_edited)
 
     def _eval_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = _OrderedSampler(len(self.requests), rank=rank, world_size=world_size)
         return DataLoader(
-            self.requests, batch_size=self.batch_size, shuffle=False, collate_fn=_collate, num_workers=self.num_workers
+            self.requests, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate,
+            num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
-        """The same requests in the same batches, to measure how well they were edited."""
+        """The same requests in the same batches (on several processes: each rank its shard), to measure how well
+        they were edited."""
         return self._eval_dataloader()
 
     def test_dataloader(self) -> DataLoader:
-        """The same requests in the same batches, to measure how well they were edited."""
+        """The same requests in the same batches (on several processes: each rank its shard), to measure how well
+        they were edited."""
         return self._eval_dataloader()
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:

@@ -42,6 +42,10 @@ next one sees it, the original weight is restored before returning, and the fact
 size). :meth:`ROME.compute_update` therefore leaves the model as it found it; the caller writes the returned
 :class:`~prune_lightning.editors.base.LowRankUpdate`.
 
+Several processes. Inside :func:`~prune_lightning.distributed.split_work` (``SequentialEditor`` under DDP) the rows of
+steps 1 and 2 - one per context template, plus the KL prompt - are spread over the ranks and their sums all-reduced, so
+every rank computes the same ``k*`` and ``delta`` as one process would (to float tolerance), with a share of the work.
+
 Hyperparameters default to the paper's GPT-2 XL setting; :data:`ROME_PRESETS` and :meth:`ROME.preset` hold the
 published ones per model.
 """
@@ -57,7 +61,8 @@ import torch
 from torch import nn
 
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
-from prune_lightning.editors.stats import _model_device, _pad_id, pad_right, second_moment
+from prune_lightning.distributed import current_split
+from prune_lightning.editors.stats import _input_dim, _model_device, _pad_id, pad_right, second_moment
 from prune_lightning.models import get_module, is_transposed, layer_template, mlp_out_template, rank_one_in_layout
 
 __all__ = ["ROME", "ROME_PRESETS", "ROMETrace"]
@@ -360,49 +365,81 @@ class ROME(Editor):
         return left, right, trace
 
     def _compute_key(self, model: nn.Module, tokenizer, module: nn.Module, request) -> torch.Tensor:
-        """``k*``: the input of the edited module at the fact token, averaged over the context templates."""
-        variants = [self._encode(tokenizer, t, request.prompt, request.subject) for t in self.context_templates]
-        seqs = [ids for ids, _ in variants]
-        rows = torch.arange(len(seqs))
-        cols = torch.tensor([idx for _, idx in variants])
+        """``k*``: the input of the edited module at the fact token, averaged over the context templates.
+
+        Under :func:`~prune_lightning.distributed.split_work` each rank runs its share of the templates (rows
+        ``rank::world_size``); the key sums are all-reduced and divided by the number of templates on every rank.
+        """
+        split = current_split()
+        n_templates = len(self.context_templates)
+        templates = [self.context_templates[i] for i in split.rows(n_templates)]
         captured: dict[str, torch.Tensor] = {}
+        if templates:
+            variants = [self._encode(tokenizer, t, request.prompt, request.subject) for t in templates]
+            seqs = [ids for ids, _ in variants]
+            rows = torch.arange(len(seqs))
+            cols = torch.tensor([idx for _, idx in variants])
 
-        def capture(_module, args):
-            captured["keys"] = args[0][rows.to(args[0].device), cols.to(args[0].device)].detach()
+            def capture(_module, args):
+                captured["keys"] = args[0][rows.to(args[0].device), cols.to(args[0].device)].detach()
 
-        input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), _model_device(model))
-        with _prepared(model), _hooks(module.register_forward_pre_hook(capture)), torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return captured["keys"].float().mean(dim=0)
+            input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), _model_device(model))
+            with _prepared(model), _hooks(module.register_forward_pre_hook(capture)), torch.no_grad():
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if not split.active:
+            return captured["keys"].float().mean(dim=0)
+        if templates:
+            total = captured["keys"].float().sum(dim=0)
+        else:  # more ranks than templates: this one only joins the sum
+            total = torch.zeros(_input_dim(module), dtype=torch.float32, device=module.weight.device)
+        return split.all_reduce_sum_(total) / n_templates
 
     def _compute_delta(self, model: nn.Module, tokenizer, request) -> tuple[torch.Tensor, float, float, int]:
         """Optimises the change ``delta`` of the layer's output that makes the model say ``target_new``.
 
         Returns ``(delta, NLL before, NLL after, steps)``; ``delta`` is float32 on the model's device.
+
+        Under :func:`~prune_lightning.distributed.split_work` the rows (context templates, then the KL prompt) are
+        spread over the ranks (rows ``rank::world_size``). Each rank computes its rows' part of the loss and its
+        gradient with respect to ``delta``; the gradients and the target NLL (for early stopping) are all-reduced,
+        the weight decay's gradient is added on every rank, and every rank takes the same Adam step - so ``delta``
+        is the single-process one to float tolerance, and bit-identical on all ranks. ``h`` (the layer's output at
+        the plain prompt, row 0) is broadcast from rank 0.
         """
+        split = current_split()
         device = _model_device(model)
         target_ids = _target_ids(tokenizer, request.rendered_prompt, request.target_new)
         if not target_ids:
             raise ValueError(f"target_new {request.target_new!r} of case {request.case_id} tokenizes to nothing")
 
-        # Rows 0..n-1: each context template + prompt, teacher-forced with the target; last row: the KL prompt.
+        # Rows 0..n-1: each context template + prompt, teacher-forced with the target; row n: the KL prompt.
+        # This rank's rows keep that order (its rewrite rows first, then the KL row if it is one of them).
+        n_rewrite = len(self.context_templates)
+        mine = split.rows(n_rewrite + 1)
         seqs, lookup, target_pos = [], [], []
-        for template in self.context_templates:
-            ids, idx = self._encode(tokenizer, template, request.prompt, request.subject)
+        for row in (r for r in mine if r < n_rewrite):
+            ids, idx = self._encode(tokenizer, self.context_templates[row], request.prompt, request.subject)
             seqs.append(ids + target_ids[:-1])
             lookup.append(idx)
             target_pos.append([len(ids) - 1 + i for i in range(len(target_ids))])
-        kl_ids, kl_idx = self._encode(tokenizer, "{}", _KL_PROMPT, request.subject)
-        seqs.append(kl_ids)
-        lookup.append(kl_idx)
-        n_rewrite = len(self.context_templates)
+        n_local = len(target_pos)  # this rank's rewrite rows
+        kl_row: Optional[int] = None  # the KL prompt's row in this rank's batch
+        kl_idx = 0
+        if n_rewrite in mine:
+            kl_ids, kl_idx = self._encode(tokenizer, "{}", _KL_PROMPT, request.subject)
+            kl_row = len(seqs)
+            seqs.append(kl_ids)
+            lookup.append(kl_idx)
+        owns_plain_prompt = bool(mine) and mine[0] == 0  # row 0: the "{}" template, where h is read
 
-        input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), device)
-        rows = torch.arange(len(seqs), device=device)
-        cols = torch.tensor(lookup, device=device)
-        tgt_rows = torch.arange(n_rewrite, device=device)[:, None].expand(-1, len(target_ids))
-        tgt_cols = torch.tensor(target_pos, device=device)
-        tgt_ids = torch.tensor(target_ids, device=device)[None, :].expand(n_rewrite, -1)
+        if seqs:
+            input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), device)
+            rows = torch.arange(len(seqs), device=device)
+            cols = torch.tensor(lookup, device=device)
+        if n_local:
+            tgt_rows = torch.arange(n_local, device=device)[:, None].expand(-1, len(target_ids))
+            tgt_cols = torch.tensor(target_pos, device=device)
+            tgt_ids = torch.tensor(target_ids, device=device)[None, :].expand(n_local, -1)
 
         hidden_size = _hidden_size(model)
         delta = torch.zeros(hidden_size, dtype=torch.float32, device=device, requires_grad=True)
@@ -410,7 +447,7 @@ class ROME(Editor):
 
         def add_delta(_module, _args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if "h_init" not in state:  # the original output at the plain prompt's fact token
+            if "h_init" not in state and owns_plain_prompt:  # the original output at the plain prompt's fact token
                 state["h_init"] = hidden[0, cols[0]].detach().float()
             picked = hidden[rows, cols] + delta.to(hidden.dtype)
             hidden = hidden.index_put((rows, cols), picked)
@@ -436,24 +473,51 @@ class ROME(Editor):
         with _prepared(model, freeze=True), _hooks(*handles):
             for step in range(self.v_num_grad_steps + 1):
                 optimizer.zero_grad()
-                out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                logits = out.logits if use_logits else _logits_from_hidden(model, captured["hidden"])
-                log_probs = torch.log_softmax(logits[tgt_rows, tgt_cols].float(), dim=-1)
-                token_nll = -log_probs.gather(-1, tgt_ids[..., None]).squeeze(-1)
-                nll_loss = token_nll.mean(dim=1).mean()
-                kl_log_probs = torch.log_softmax(logits[n_rewrite, kl_idx].float(), dim=-1)
-                if kl_init is None:
-                    kl_init = kl_log_probs.detach()
-                kl_loss = torch.sum(kl_init.exp() * (kl_init - kl_log_probs))
+                local_loss: Optional[torch.Tensor] = None  # this rank's rows' part of the loss
+                if seqs:
+                    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    logits = out.logits if use_logits else _logits_from_hidden(model, captured["hidden"])
+                if n_local:
+                    log_probs = torch.log_softmax(logits[tgt_rows, tgt_cols].float(), dim=-1)
+                    token_nll = -log_probs.gather(-1, tgt_ids[..., None]).squeeze(-1)
+                    row_nll = token_nll.mean(dim=1)
+                if kl_row is not None:
+                    kl_log_probs = torch.log_softmax(logits[kl_row, kl_idx].float(), dim=-1)
+                    if kl_init is None:
+                        kl_init = kl_log_probs.detach()
+                    kl_loss = torch.sum(kl_init.exp() * (kl_init - kl_log_probs))
+                if split.active and step == 0:
+                    h_init = state.get("h_init")
+                    state["h_init"] = split.broadcast_(
+                        h_init if h_init is not None else torch.zeros(hidden_size, dtype=torch.float32, device=device)
+                    )
                 h_norm = state["h_init"].norm()
                 decay_loss = delta.pow(2).sum() / h_norm.pow(2)
-                loss = nll_loss + self.kl_factor * kl_loss + self.v_weight_decay * decay_loss
-                nll = float(nll_loss.detach())
+                if not split.active:
+                    nll_loss = row_nll.mean()
+                    loss = nll_loss + self.kl_factor * kl_loss + self.v_weight_decay * decay_loss
+                    nll = float(nll_loss.detach())
+                else:
+                    nll_sum = torch.zeros(1, dtype=torch.float64, device=device)
+                    if n_local:
+                        nll_sum += row_nll.detach().double().sum()
+                        local_loss = row_nll.sum() / n_rewrite
+                    if kl_row is not None:
+                        kl_part = self.kl_factor * kl_loss
+                        local_loss = kl_part if local_loss is None else local_loss + kl_part
+                    nll = float(split.all_reduce_sum_(nll_sum)) / n_rewrite
                 if step == 0:
                     nll_init = nll
                 if nll < self.early_stop_loss or step == self.v_num_grad_steps:
                     break
-                loss.backward()
+                if not split.active:
+                    loss.backward()
+                else:
+                    if local_loss is not None:
+                        local_loss.backward()
+                    grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
+                    delta.grad = split.all_reduce_sum_(grad)
+                    (self.v_weight_decay * decay_loss).backward()  # the same on every rank: added after the sum
                 optimizer.step()
                 steps += 1
                 with torch.no_grad():

@@ -1,0 +1,106 @@
+"""Edited matrices sharded by FSDP2 (``fully_shard``), on CPU with gloo: 2 processes.
+
+The registry gathers a sharded matrix once (``W_0``), writes each rank's shard of ``W_0 + dW``, and PRUNE and the
+condition numbers work on the replicated registry. Here they must give what they give on the unsharded model.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+NAME = "transformer.h.1.mlp.c_proj.weight"
+ALPHA = 100.0
+
+
+def _updates(shape, n=4, seed=0):
+    """The same random rank-one updates on every rank, large enough for PRUNE to restrain."""
+    from prune_lightning.editors import LowRankUpdate
+
+    generator = torch.Generator().manual_seed(seed)
+    return [LowRankUpdate(torch.randn(shape[0], 1, generator=generator),
+                          torch.randn(shape[1], 1, generator=generator)) for _ in range(n)]
+
+
+def _edit_and_restrain(model, registry):
+    """Records the updates, writes them, restrains with PRUNE, writes again; returns kappa and PRUNE's values."""
+    from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback
+
+    registry.track(model, [NAME])
+    entry = registry[NAME]
+    for update in _updates(entry.shape):
+        entry.record(update)
+        registry.write([NAME])
+    kappa_before = ConditionNumberMonitor()._spectrum(registry, NAME)
+    values = PRUNECallback(alpha=ALPHA).restrain_matrix(entry)
+    registry.write([NAME])
+    kappa_after = ConditionNumberMonitor()._spectrum(registry, NAME)
+    return {"kappa_before": torch.tensor(kappa_before), "kappa_after": torch.tensor(kappa_after),
+            "sigma_max_dW_after": torch.tensor(values["sigma_max_dW_after"]),
+            "restrained": torch.tensor(values["restrained"])}
+
+
+def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prune_lightning.models import load_causal_lm, load_tokenizer
+    from prune_lightning.registry import EditRegistry, full_weight, is_sharded
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        inputs = tokenizer(["The hometown of Danielle is"], return_tensors="pt")
+
+        reference = load_causal_lm(model_dir)
+        expected = _edit_and_restrain(reference, EditRegistry())
+        with torch.no_grad():
+            expected_logits = reference(**inputs).logits
+        expected_weight = reference.get_parameter(NAME).detach().clone()
+
+        model = load_causal_lm(model_dir)
+        mesh = init_device_mesh("cpu", (world_size,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        param = model.get_parameter(NAME)
+        assert is_sharded(param)
+        got = _edit_and_restrain(model, EditRegistry())
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        torch.save({"expected": expected, "got": got, "expected_weight": expected_weight,
+                    "weight": full_weight(param).clone(), "local_shard": param.to_local().detach().clone(),
+                    "expected_logits": expected_logits, "logits": logits.detach()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path, tiny_model_dir):
+    if "gpt2" not in str(tiny_model_dir):
+        pytest.skip("one architecture is enough for the sharding logic")
+    world_size = 2
+    mp.spawn(_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
+             nprocs=world_size, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    for result in results:
+        expected, got = result["expected"], result["got"]
+        assert float(expected["restrained"]) >= 1, "the test needs PRUNE to restrain something"
+        assert float(got["restrained"]) == float(expected["restrained"])
+        torch.testing.assert_close(got["sigma_max_dW_after"], expected["sigma_max_dW_after"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["kappa_before"], expected["kappa_before"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got["kappa_after"], expected["kappa_after"], rtol=1e-5, atol=0)
+        assert float(got["kappa_after"][0]) < float(got["kappa_before"][0])
+        # The shards put together are the restrained matrix, and the sharded model computes what the plain one does.
+        torch.testing.assert_close(result["weight"], result["expected_weight"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["logits"], result["expected_logits"], rtol=1e-5, atol=1e-5)
+    # Each rank holds its own half of the rows (Shard(0)), not the whole matrix.
+    full = results[0]["expected_weight"]
+    for rank, result in enumerate(results):
+        assert result["local_shard"].shape[0] < full.shape[0]
+        torch.testing.assert_close(result["local_shard"], full.chunk(world_size, dim=0)[rank], rtol=0, atol=1e-6)
