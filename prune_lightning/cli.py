@@ -5,6 +5,7 @@
     prune-edit test --config configs/tiny.yaml --ckpt_path runs/.../last.ckpt
     prune-edit fit --print_config
     prune-edit demo [--config configs/demo.yaml] [--output runs/demo]
+    prune-edit stats --model tiny:gpt2 --layers 1 --corpus corpus.txt   # fill the second-moment statistics cache
 
 The model is a :class:`~prune_lightning.SequentialEditor` and the data an
 :class:`~prune_lightning.data.EditDataModule`; every argument of both, of the editor and of the trainer is
@@ -61,6 +62,12 @@ def main(args: Optional[list[str]] = None) -> None:
         from prune_lightning.demo.run import main as demo_main
 
         demo_main(argv[1:])
+        return
+    if argv[:1] == ["stats"]:
+        # Not a Trainer method either: the statistics job builds its own Trainer (prune_lightning.editors.stats_job).
+        from prune_lightning.editors.stats_job import main as stats_main
+
+        stats_main(argv[1:])
         return
     try:
         PruneEditCLI(args=args)

@@ -51,7 +51,7 @@ from prune_lightning.registry import EditRegistry
 
 # Both are by design here: there is no optimizer (edits are closed-form writes), and the model stays in eval mode
 # (no dropout while editors compute updates and evaluators score the model).
-warnings.filterwarnings("ignore", message=r".*`configure_optimizers` returned `None`.*")
+warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from prune_lightning.editors import second_moment
 from prune_lightning.editors import stats as stats_mod
+from prune_lightning.editors import stats_job
 from prune_lightning.models import get_module, load_causal_lm, load_tokenizer, mlp_out_template
 
 DOCS = [
@@ -115,7 +116,8 @@ def test_second_call_reuses_the_cache(lm, corpus, tmp_path, tiny_model_dir, monk
     def boom(*args, **kw):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(stats_mod, "_accumulate_second_moment", boom)
+    # The statistics job is what computes: a cached matrix never reaches its training step.
+    monkeypatch.setattr(stats_job.SecondMomentJob, "training_step", boom)
     assert torch.equal(second_moment(model, tokenizer, module_name, str(corpus), **kwargs), first)
     with pytest.raises(AssertionError, match="recomputed"):
         second_moment(model, tokenizer, module_name, str(corpus), recompute=True, **kwargs)
@@ -188,13 +190,13 @@ def test_corpus_formats(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_load_dataset(name, config, split):
-        seen.update(name=name, config=config, split=split)
+    def fake_load_dataset(name, config, split, streaming=False):
+        seen.update(name=name, config=config, split=split, streaming=streaming)
         return datasets.Dataset.from_dict({"text": ["", " = Title = ", "first line", "", "second line"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert stats_mod.load_corpus_texts("wikitext:wikitext-103-raw-v1", n_samples=2) == [" = Title = ", "first line"]
-    assert seen == {"name": "wikitext", "config": "wikitext-103-raw-v1", "split": "train"}
+    assert seen == {"name": "wikitext", "config": "wikitext-103-raw-v1", "split": "train", "streaming": True}
 
 
 def test_cache_path_is_slugged():

@@ -10,7 +10,8 @@ from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.editors.ft import FineTune
 from prune_lightning.editors.memit import MEMIT, MEMIT_PRESETS
 from prune_lightning.editors.rome import ROME, ROME_PRESETS
-from prune_lightning.editors.stats import second_moment
+from prune_lightning.editors.stats import second_moment, second_moments
+from prune_lightning.editors.stats_job import SecondMomentJob
 
 __all__ = [
     "Editor",
@@ -22,4 +23,6 @@ __all__ = [
     "MEMIT_PRESETS",
     "FineTune",
     "second_moment",
+    "second_moments",
+    "SecondMomentJob",
 ]
