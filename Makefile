@@ -2,7 +2,7 @@
 VENV ?= .venv
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test bench
+.PHONY: setup demo tiny test bench
 
 setup: $(VENV)/.installed
 
@@ -10,7 +10,12 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
+# The paper's comparison on the embedded synthetic world (configs/demo.yaml); results in runs/demo/.
 demo: setup
+	$(OFFLINE) $(VENV)/bin/prune-edit demo --config configs/demo.yaml --output runs/demo
+
+# The smallest editing run: ROME + PRUNE on a random tiny GPT-2, in seconds.
+tiny: setup
 	$(OFFLINE) $(VENV)/bin/prune-edit fit --config configs/tiny.yaml
 
 test: setup

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -291,6 +291,17 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
     close = difflib.get_close_matches(name, list(params), n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ValueError(f"Parameter {name!r} does not exist in {type(model).__name__}.{hint}")
+
+
+def linear_weight_names(model: nn.Module, template: str, layers: Sequence[int]) -> list[str]:
+    """``template.format(layer) + ".weight"`` for each layer; a module that does not exist or is not a linear map
+    raises a ``ValueError`` (listing the modules there are)."""
+    names = []
+    for layer in layers:
+        name = template.format(layer)
+        is_transposed(get_module(model, name))
+        names.append(name + ".weight")
+    return names
 
 
 def is_transposed(module: nn.Module) -> bool:

@@ -62,11 +62,11 @@ class DemoConfig:
     n_entities: Optional[int] = None
     train_steps: Optional[int] = None
     n_requests: int = 200
-    n_task_examples: int = 40
+    n_task_examples: int = 32
     every_n_edits: int = 40
     alpha: float = math.e
     editor: dict = field(default_factory=lambda: {"layer": 1, "fact_token": "last", "mom2_adjustment": False,
-                                                   "context_template_lengths": [[5, 5]], "v_num_grad_steps": 20,
+                                                   "context_template_lengths": [[5, 3]], "v_num_grad_steps": 15,
                                                    "v_lr": 0.5})
     corpus_lines: int = 2000
     wandb: bool = True

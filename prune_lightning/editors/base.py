@@ -12,7 +12,7 @@ one; MEMIT: rank <= batch size) or a dense tensor (fine-tuning).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
 import torch
 from torch import nn
@@ -65,6 +65,21 @@ class Editor:
     Subclass it (LightningCLI then offers every subclass as ``model.editor``); an object with the same three methods
     also works when passed from Python.
     """
+
+    #: Published hyperparameters by model name (``"gpt2-xl"``, ...), for :meth:`preset`.
+    presets: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "Editor":
+        """The editor with the published hyperparameters of ``name`` (a key of :attr:`presets`).
+
+        Args:
+            name: The model the hyperparameters were published for, e.g. ``"gpt2-xl"`` or ``"llama3-8b"``.
+            **overrides: Constructor arguments that replace the preset's.
+        """
+        if name not in cls.presets:
+            raise ValueError(f"Unknown {cls.__name__} preset {name!r}; presets: {sorted(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
 
     def parameter_names(self, model: nn.Module) -> list[str]:
         """The names of the parameters this editor writes into (raises a clear error for unknown modules)."""

@@ -28,7 +28,7 @@ from torch import nn
 from prune_lightning.editors.base import Editor, Update
 from prune_lightning.editors.rome import _prepared, _target_ids
 from prune_lightning.editors.stats import _model_device, _pad_id, pad_right
-from prune_lightning.models import get_module, is_transposed, mlp_out_template
+from prune_lightning.models import linear_weight_names, mlp_out_template
 
 __all__ = ["FineTune"]
 
@@ -94,12 +94,7 @@ class FineTune(Editor):
         Args:
             model: The model to edit.
         """
-        names = []
-        for layer in self.layers:
-            name = (self.module_template or mlp_out_template(model)).format(layer)
-            is_transposed(get_module(model, name))  # a clear error for a module that is not a linear map
-            names.append(name + ".weight")
-        return names
+        return linear_weight_names(model, self.module_template or mlp_out_template(model), self.layers)
 
     def setup(self, model: nn.Module, tokenizer) -> None:
         """Checks that the tuned modules exist.

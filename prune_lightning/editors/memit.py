@@ -59,8 +59,9 @@ from torch import nn
 
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.editors.rome import ROME, _hidden_size, _hooks, _prepared
-from prune_lightning.editors.stats import _model_device, _pad_id, pad_right, second_moment
-from prune_lightning.models import get_module, is_transposed, layer_template, mlp_out_template, rank_one_in_layout
+from prune_lightning.editors.stats import _model_device, _pad_id, pad_right, second_moment, second_moments
+from prune_lightning.models import (get_module, is_transposed, layer_template, linear_weight_names, mlp_out_template,
+                                    rank_one_in_layout)
 
 __all__ = ["MEMIT", "MEMIT_PRESETS", "MEMITTrace", "MEMITLayerTrace"]
 
@@ -176,6 +177,8 @@ class MEMIT(Editor):
         seed: Seed of the template generation.
     """
 
+    presets = MEMIT_PRESETS
+
     def __init__(
         self,
         layers: Sequence[int] = (13, 14, 15, 16, 17),
@@ -251,18 +254,6 @@ class MEMIT(Editor):
         self.last_layers: list[MEMITLayerTrace] = []
         self.last_metrics: dict[str, float] = {}
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "MEMIT":
-        """MEMIT with the published hyperparameters of ``name`` (a key of :data:`MEMIT_PRESETS`).
-
-        Args:
-            name: ``"gpt2-xl"``, ``"llama2-7b"`` or ``"llama3-8b"``.
-            **overrides: Constructor arguments that replace the preset's.
-        """
-        if name not in MEMIT_PRESETS:
-            raise ValueError(f"Unknown MEMIT preset {name!r}; presets: {sorted(MEMIT_PRESETS)}")
-        return cls(**{**MEMIT_PRESETS[name], **overrides})
-
     # ------------------------------------------------------------------------------------------------------------
     # the Editor protocol
     # ------------------------------------------------------------------------------------------------------------
@@ -273,12 +264,7 @@ class MEMIT(Editor):
         Args:
             model: The model to edit.
         """
-        names = []
-        for layer in self.layers:
-            name = self._module_name(model, layer)
-            is_transposed(get_module(model, name))  # a clear error for a module that is not a linear map
-            names.append(name + ".weight")
-        return names
+        return linear_weight_names(model, self.module_template or mlp_out_template(model), self.layers)
 
     def setup(self, model: nn.Module, tokenizer) -> None:
         """Checks the modules, loads or computes every ``C_l`` and builds the context templates.
@@ -301,18 +287,19 @@ class MEMIT(Editor):
         value_editor.setup(model, tokenizer)  # checks the block and v_loss_layer, builds the templates
         self._mom2 = {}
         if self.mom2_adjustment:
+            names = {layer: self._module_name(model, layer) for layer in self.layers}
+            given = {layer: self._stats_file(layer) for layer in self.layers}
+            # The layers without a user's file: one pass of the statistics job feeds all of them.
+            missing = [names[layer] for layer in self.layers if given[layer] is None]
+            computed = second_moments(model, tokenizer, missing, corpus=self.mom2_corpus,
+                                      n_samples=self.mom2_n_samples, dtype=self.mom2_dtype) if missing else {}
             for layer in self.layers:
-                module_name = self._module_name(model, layer)
-                moment = second_moment(
-                    model,
-                    tokenizer,
-                    module_name,
-                    corpus=self.mom2_corpus,
-                    n_samples=self.mom2_n_samples,
-                    dtype=self.mom2_dtype,
-                    stats_file=self._stats_file(layer),
-                )
-                self._mom2[layer] = moment.to(get_module(model, module_name).weight.device)
+                moment = computed.get(names[layer])
+                if moment is None:
+                    moment = second_moment(model, tokenizer, names[layer], corpus=self.mom2_corpus,
+                                           n_samples=self.mom2_n_samples, dtype=self.mom2_dtype,
+                                           stats_file=given[layer])
+                self._mom2[layer] = moment.to(get_module(model, names[layer]).weight.device)
         self._value_editor = value_editor
         self.context_templates = list(value_editor.context_templates)
         self._ready = True

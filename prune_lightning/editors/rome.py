@@ -63,7 +63,8 @@ from torch import nn
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.distributed import current_split
 from prune_lightning.editors.stats import _input_dim, _model_device, _pad_id, pad_right, second_moment
-from prune_lightning.models import get_module, is_transposed, layer_template, mlp_out_template, rank_one_in_layout
+from prune_lightning.models import (get_module, is_transposed, layer_template, linear_weight_names, mlp_out_template,
+                                    rank_one_in_layout)
 
 __all__ = ["ROME", "ROME_PRESETS", "ROMETrace"]
 
@@ -162,6 +163,8 @@ class ROME(Editor):
         seed: Seed of the template generation.
     """
 
+    presets = ROME_PRESETS
+
     def __init__(
         self,
         layer: int = 17,
@@ -228,18 +231,6 @@ class ROME(Editor):
         self.last_trace: list[ROMETrace] = []
         self.last_metrics: dict[str, float] = {}
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ROME":
-        """ROME with the published hyperparameters of ``name`` (a key of :data:`ROME_PRESETS`).
-
-        Args:
-            name: ``"gpt2-xl"``, ``"llama2-7b"`` or ``"llama3-8b"``.
-            **overrides: Constructor arguments that replace the preset's.
-        """
-        if name not in ROME_PRESETS:
-            raise ValueError(f"Unknown ROME preset {name!r}; presets: {sorted(ROME_PRESETS)}")
-        return cls(**{**ROME_PRESETS[name], **overrides})
-
     # ------------------------------------------------------------------------------------------------------------
     # the Editor protocol
     # ------------------------------------------------------------------------------------------------------------
@@ -250,9 +241,7 @@ class ROME(Editor):
         Args:
             model: The model to edit.
         """
-        name = self._module_name(model)
-        is_transposed(get_module(model, name))  # a clear error for a module that is not a linear map
-        return [name + ".weight"]
+        return linear_weight_names(model, self.module_template or mlp_out_template(model), [self.layer])
 
     def setup(self, model: nn.Module, tokenizer) -> None:
         """Checks the modules, loads or computes ``C`` and builds the context templates.
