@@ -260,13 +260,18 @@ def _plot(results: dict, output: Path) -> None:
 
     colors = {"none": "tab:red", "online": "tab:blue", "post_hoc": "tab:green"}
     labels = dict(RUNS)
+    # "none" is the post-hoc fit up to its restraint, so the two curves coincide until the last edit: "none" is drawn
+    # last, dashed, to stay visible on top.
+    order = [key for key in ("online", "post_hoc", "none") if key in results]
+    style = {"none": dict(linestyle="--", zorder=3)}
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, run in results.items():
+    for key in order:
+        run = results[key]
         for name in sorted({r["name"] for r in run["monitor"]}):
             rows = [r for r in run["monitor"] if r["name"] == name]
             ax.plot([r["step"] for r in rows], [r["kappa"] for r in rows], marker=".", color=colors[key],
-                    label=f"{labels[key]}")
+                    label=f"{labels[key]}", **style.get(key, {}))
     ax.set_xlabel("edits")
     ax.set_ylabel("condition number kappa")
     ax.set_yscale("log")
@@ -279,10 +284,10 @@ def _plot(results: dict, output: Path) -> None:
     tasks = sorted({r["task"] for r in results["none"]["general"]})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for key, run in results.items():
-            rows = [r for r in run["general"] if r["task"] == task]
+        for key in order:
+            rows = [r for r in results[key]["general"] if r["task"] == task]
             ax.plot([r["step"] for r in rows], [r["value"] for r in rows], marker=".", color=colors[key],
-                    label=labels[key])
+                    label=labels[key], **style.get(key, {}))
         ax.set_title(task)
         ax.set_xlabel("edits")
     axes[0][0].set_ylabel("score")
