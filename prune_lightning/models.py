@@ -293,6 +293,42 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
     raise ValueError(f"Parameter {name!r} does not exist in {type(model).__name__}.{hint}")
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether a parameter is sharded across ranks (a ``DTensor``, as FSDP2's ``fully_shard`` makes them)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full_weight(param: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a parameter, detached; a sharded (``DTensor``) one is all-gathered.
+
+    For a sharded parameter this is a collective: every rank must call it for the same parameters in the same order.
+    """
+    if is_sharded(param):
+        return param.detach().full_tensor()
+    return param.detach()
+
+
+@torch.no_grad()
+def write_weight(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Sets a parameter to the whole matrix ``full`` (cast to its dtype); a sharded parameter keeps only its shard.
+
+    Every rank holds the same ``full`` (the registry is replicated), so each cuts its own shard locally
+    (``src_data_rank=None``): no communication.
+    """
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = full.to(device=param.to_local().device, dtype=param.dtype)
+        shard = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+        return
+    param.copy_(full.to(device=param.device, dtype=param.dtype))
+
+
 def linear_weight_names(model: nn.Module, template: str, layers: Sequence[int]) -> list[str]:
     """``template.format(layer) + ".weight"`` for each layer; a module that does not exist or is not a linear map
     raises a ``ValueError`` (listing the modules there are)."""

@@ -104,3 +104,55 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
     for rank, result in enumerate(results):
         assert result["local_shard"].shape[0] < full.shape[0]
         torch.testing.assert_close(result["local_shard"], full.chunk(world_size, dim=0)[rank], rtol=0, atol=1e-6)
+
+
+def _rome_worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from prune_lightning.data import EditRequest
+    from prune_lightning.editors import ROME
+    from prune_lightning.models import load_causal_lm, load_tokenizer
+    from prune_lightning.registry import full_weight
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        requests = [EditRequest(prompt="The hometown of {} is", subject=subject, target_new=new, target_true="Paris",
+                                case_id=i)
+                    for i, (subject, new) in enumerate((("Danielle", "Rome"), ("Marco", "Oslo")))]
+
+        def edit(model):
+            editor = ROME(layer=1, mom2_adjustment=False, v_num_grad_steps=5, context_templates=["{}", "The {}"])
+            editor.setup(model, tokenizer)
+            before = full_weight(model.get_parameter(NAME)).clone()
+            update = editor.compute_update(model, tokenizer, requests)[NAME]
+            after = full_weight(model.get_parameter(NAME)).clone()
+            return update.dense(), before, after
+
+        expected, _, _ = edit(load_causal_lm(model_dir))
+        model = load_causal_lm(model_dir)
+        mesh = init_device_mesh("cpu", (world_size,))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        got, before, after = edit(model)
+        torch.save({"expected": expected, "got": got, "before": before, "after": after},
+                   os.path.join(out_dir, f"rome{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rome_on_a_sharded_model_gives_the_unsharded_update(tmp_path, tiny_model_dir):
+    """ROME gathers the edited matrix (and only it) for ``W k*`` and its writes within a batch, and restores shards."""
+    if "gpt2" not in str(tiny_model_dir):
+        pytest.skip("one architecture is enough for the sharding logic")
+    world_size = 2
+    mp.spawn(_rome_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
+             nprocs=world_size, join=True)
+    for rank in range(world_size):
+        result = torch.load(tmp_path / f"rome{rank}.pt")
+        assert float(result["expected"].abs().max()) > 1e-4, "the test needs ROME to change the matrix"
+        torch.testing.assert_close(result["got"], result["expected"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result["after"], result["before"], rtol=0, atol=0)

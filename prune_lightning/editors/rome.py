@@ -63,8 +63,8 @@ from torch import nn
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.distributed import current_split
 from prune_lightning.editors.stats import _input_dim, _model_device, _pad_id, pad_right, second_moment
-from prune_lightning.models import (get_module, is_transposed, layer_template, linear_weight_names, mlp_out_template,
-                                    rank_one_in_layout)
+from prune_lightning.models import (full_weight, get_module, is_transposed, layer_template, linear_weight_names,
+                                    mlp_out_template, rank_one_in_layout, write_weight)
 
 __all__ = ["ROME", "ROME_PRESETS", "ROMETrace"]
 
@@ -298,7 +298,8 @@ class ROME(Editor):
         param_name = self.parameter_names(model)[0]
         module = get_module(model, self._module_name(model))
         weight = module.weight
-        original = weight.detach().clone() if len(requests) > 1 else None
+        # A sharded (FSDP2) weight is gathered - this one matrix only - and written back shard by shard.
+        original = full_weight(weight).clone() if len(requests) > 1 else None
         lefts, rights, traces = [], [], []
         try:
             for i, request in enumerate(requests):
@@ -307,12 +308,10 @@ class ROME(Editor):
                 rights.append(right)
                 traces.append(trace)
                 if i < len(requests) - 1:  # the next request sees this one
-                    with torch.no_grad():
-                        weight.add_((left @ right.T).to(weight.dtype))
+                    write_weight(weight, full_weight(weight).float() + (left @ right.T).float())
         finally:
             if original is not None:
-                with torch.no_grad():
-                    weight.copy_(original)
+                write_weight(weight, original)
         self.last_trace = traces
         self.last_metrics = {
             "loss": sum(t.nll_final for t in traces) / len(traces),
@@ -595,7 +594,7 @@ def _target_ids(tokenizer, prompt: str, target: str) -> list[int]:
 
 def _linear(module: nn.Module, key: torch.Tensor) -> torch.Tensor:
     """The module's linear map without bias, ``W k``, in float32 (``k @ weight`` for ``Conv1D``)."""
-    weight = module.weight.detach().float()
+    weight = full_weight(module.weight).float()  # a sharded weight: gathered (every rank computes the same W k)
     key = key.to(device=weight.device, dtype=torch.float32)
     return key @ weight if is_transposed(module) else weight @ key
 
