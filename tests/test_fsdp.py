@@ -44,10 +44,18 @@ def _edit_and_restrain(model, registry):
             "restrained": torch.tensor(values["restrained"])}
 
 
-def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
+def _fully_shard(model, world_size: int) -> None:
+    """FSDP2 over the ranks: every GPT-2 block a unit of its own, then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
     from prune_lightning.models import load_causal_lm, load_tokenizer
     from prune_lightning.registry import EditRegistry, full_weight, is_sharded
 
@@ -64,10 +72,7 @@ def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir:
         expected_weight = reference.get_parameter(NAME).detach().clone()
 
         model = load_causal_lm(model_dir)
-        mesh = init_device_mesh("cpu", (world_size,))
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        _fully_shard(model, world_size)
         param = model.get_parameter(NAME)
         assert is_sharded(param)
         got = _edit_and_restrain(model, EditRegistry())
@@ -107,9 +112,6 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
 
 
 def _rome_worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     from prune_lightning.data import EditRequest
     from prune_lightning.editors import ROME
     from prune_lightning.models import load_causal_lm, load_tokenizer
@@ -133,10 +135,7 @@ def _rome_worker(rank: int, world_size: int, init_file: str, model_dir: str, out
 
         expected, _, _ = edit(load_causal_lm(model_dir))
         model = load_causal_lm(model_dir)
-        mesh = init_device_mesh("cpu", (world_size,))
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        _fully_shard(model, world_size)
         got, before, after = edit(model)
         torch.save({"expected": expected, "got": got, "before": before, "after": after},
                    os.path.join(out_dir, f"rome{rank}.pt"))
