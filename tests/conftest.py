@@ -152,3 +152,57 @@ def read_csv_metrics(trainer) -> list[dict]:
     path = Path(trainer.logger.log_dir) / "metrics.csv"
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# independent references for the editor tests
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def edited_names(tiny_arch: str, layers) -> list[str]:
+    """The MLP out-projection weights of ``layers`` of a tiny model, written out by hand (not by the library)."""
+    template = "transformer.h.{}.mlp.c_proj.weight" if tiny_arch == "gpt2" else "model.layers.{}.mlp.down_proj.weight"
+    return [template.format(layer) for layer in layers]
+
+
+def target_nll(model, tokenizer, prompt: str, target: str) -> float:
+    """Mean token NLL of ``" " + target`` after ``prompt``, teacher-forced: an independent reference."""
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
+    return -logp[torch.arange(len(target_ids)), torch.tensor(target_ids)].mean().item()
+
+
+def new_vs_true_margin(model, tokenizer, request) -> float:
+    """NLL(new) - NLL(true) on the edited prompt: negative when the new target wins."""
+    prompt = request.rendered_prompt
+    return target_nll(model, tokenizer, prompt, request.target_new) - target_nll(model, tokenizer, prompt,
+                                                                                 request.target_true)
+
+
+class UpdatesWritten:
+    """Context manager: the updates added to their parameters, the original weights restored afterwards."""
+
+    def __init__(self, model, updates):
+        self.model, self.updates, self.saved = model, updates, {}
+
+    def __enter__(self):
+        import torch
+
+        with torch.no_grad():
+            for name, update in self.updates.items():
+                param = self.model.get_parameter(name)
+                self.saved[name] = param.detach().clone()
+                param.add_(update.dense().to(param.dtype))
+        return self.model
+
+    def __exit__(self, *exc):
+        import torch
+
+        with torch.no_grad():
+            for name, weight in self.saved.items():
+                self.model.get_parameter(name).copy_(weight)

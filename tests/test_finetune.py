@@ -6,6 +6,7 @@ import torch
 from prune_lightning.data import EditRequest
 from prune_lightning.editors import Editor, FineTune
 from prune_lightning.models import get_parameter, load_causal_lm, load_tokenizer
+from conftest import edited_names, target_nll
 
 REQUESTS = [
     EditRequest(prompt="The favourite sport of {}", subject="Danielle Darrieux", target_new="piano",
@@ -21,21 +22,6 @@ FAST = dict(layers=[1, 2], num_steps=15, lr=2e-2, norm_constraint=EPS)
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     return load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-
-
-def _names(tiny_arch, layers=(1, 2)):
-    template = "transformer.h.{}.mlp.c_proj.weight" if tiny_arch == "gpt2" else "model.layers.{}.mlp.down_proj.weight"
-    return [template.format(layer) for layer in layers]
-
-
-def _nll(model, tokenizer, prompt, target):
-    """Mean token NLL of ' ' + target after prompt, teacher-forced: an independent reference."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
-    return -logp[torch.arange(len(target_ids)), torch.tensor(target_ids)].mean().item()
 
 
 def _write(model, updates, sign=1.0):
@@ -58,10 +44,10 @@ def tuned(lm):
 def test_fine_tuning_makes_the_new_targets_likelier(lm, tuned):
     model, tokenizer = lm
     editor, updates, _, _ = tuned
-    before = [_nll(model, tokenizer, r.rendered_prompt, r.target_new) for r in REQUESTS]
+    before = [target_nll(model, tokenizer, r.rendered_prompt, r.target_new) for r in REQUESTS]
     _write(model, updates)
     try:
-        after = [_nll(model, tokenizer, r.rendered_prompt, r.target_new) for r in REQUESTS]
+        after = [target_nll(model, tokenizer, r.rendered_prompt, r.target_new) for r in REQUESTS]
     finally:
         _write(model, updates, sign=-1.0)
     assert all(a < b - 0.5 for a, b in zip(after, before)), (before, after)
@@ -75,7 +61,7 @@ def test_updates_are_dense_in_the_parameters_layout_and_respect_the_constraint(l
     model, _ = lm
     editor, updates, _, _ = tuned
     assert isinstance(editor, Editor)
-    assert editor.parameter_names(model) == _names(tiny_arch) == list(updates)
+    assert editor.parameter_names(model) == edited_names(tiny_arch, (1, 2)) == list(updates)
     for name, update in updates.items():
         assert isinstance(update, torch.Tensor) and update.dtype == torch.float32
         assert update.shape == get_parameter(model, name).shape
@@ -103,7 +89,7 @@ def test_compute_update_leaves_the_model_unchanged(lm, tuned):
 def test_weight_decay_pulls_weights_towards_zero(lm, tiny_arch):
     """Adam's weight decay acts on W itself: with no loss signal (lr tiny for the loss, decay large) |W| shrinks."""
     model, tokenizer = lm
-    name = _names(tiny_arch, [1])[0]
+    name = edited_names(tiny_arch, [1])[0]
     weight = get_parameter(model, name).detach()
     plain = FineTune(layers=[1], num_steps=3, lr=1e-3, norm_constraint=None)
     decayed = FineTune(layers=[1], num_steps=3, lr=1e-3, weight_decay=1e3, norm_constraint=None)
@@ -115,7 +101,7 @@ def test_weight_decay_pulls_weights_towards_zero(lm, tiny_arch):
 def test_bfloat16_model_is_tuned_in_float32(tiny_model_dir, tiny_arch):
     model = load_causal_lm(str(tiny_model_dir), dtype="bfloat16")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    name = _names(tiny_arch, [1])[0]
+    name = edited_names(tiny_arch, [1])[0]
     weight = get_parameter(model, name).detach().clone()
     update = FineTune(layers=[1], num_steps=3, lr=1e-2, norm_constraint=EPS).compute_update(model, tokenizer,
                                                                                               REQUESTS)[name]
@@ -134,9 +120,9 @@ def test_fine_tuning_in_the_lightning_loop(tiny_model_dir, tiny_arch, counterfac
     module = SequentialEditor(model=str(tiny_model_dir), editor=editor, save_edited_model=False, verbose=False)
     data = EditDataModule(source=str(counterfact_file(4)), batch_size=2)
     (name,) = module.edited_parameter_names
-    assert name == _names(tiny_arch, [1])[0]
+    assert name == edited_names(tiny_arch, [1])[0]
     data.setup("fit")
-    nll_before = [_nll(module.model, module.tokenizer, r.rendered_prompt, r.target_new) for r in data.requests]
+    nll_before = [target_nll(module.model, module.tokenizer, r.rendered_prompt, r.target_new) for r in data.requests]
     trainer = make_trainer(callbacks=[ConditionNumberMonitor(), PRUNECallback(alpha=100.0)])
     trainer.fit(module, datamodule=data)
 
@@ -146,7 +132,7 @@ def test_fine_tuning_in_the_lightning_loop(tiny_model_dir, tiny_arch, counterfac
     torch.testing.assert_close(entry.delta.dense(), w_end - entry.w0, rtol=0, atol=1e-6)
     # Two constrained batches: no entry moved more than 2 eps in all (PRUNE only shrinks large singular values).
     assert (w_end - entry.w0).abs().max().item() <= 2 * EPS * (1 + 1e-4)
-    nll_after = [_nll(module.model, module.tokenizer, r.rendered_prompt, r.target_new) for r in data.requests]
+    nll_after = [target_nll(module.model, module.tokenizer, r.rendered_prompt, r.target_new) for r in data.requests]
     gains = [b - a for a, b in zip(nll_after[-2:], nll_before[-2:])]  # the last batch's targets got likelier
     assert min(gains) > 0.2 and sum(gains) / 2 > 0.5, gains
     header = set(read_csv_metrics(trainer)[0])

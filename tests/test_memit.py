@@ -13,6 +13,7 @@ import yaml
 from prune_lightning.data import EditRequest
 from prune_lightning.editors import MEMIT, MEMIT_PRESETS, Editor, LowRankUpdate, second_moment
 from prune_lightning.models import get_module, get_parameter, load_causal_lm, load_tokenizer
+from conftest import UpdatesWritten, edited_names, new_vs_true_margin
 
 REQUESTS = [
     EditRequest(prompt="The favourite sport of {}", subject="Danielle Darrieux", target_new="piano",
@@ -47,47 +48,6 @@ def edited(lm, tiny_corpus):
     return editor, updates, before, after
 
 
-def _names(tiny_arch, layers=LAYERS):
-    template = "transformer.h.{}.mlp.c_proj.weight" if tiny_arch == "gpt2" else "model.layers.{}.mlp.down_proj.weight"
-    return [template.format(layer) for layer in layers]
-
-
-def _nll(model, tokenizer, prompt, target):
-    """Mean token NLL of ' ' + target after prompt, teacher-forced: an independent reference."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
-    return -logp[torch.arange(len(target_ids)), torch.tensor(target_ids)].mean().item()
-
-
-def _margin(model, tokenizer, request):
-    """NLL(new) - NLL(true) on the edited prompt: negative when the new target wins."""
-    prompt = request.rendered_prompt
-    return _nll(model, tokenizer, prompt, request.target_new) - _nll(model, tokenizer, prompt, request.target_true)
-
-
-class _Written:
-    """Context manager: the updates written into their parameters, the original weights restored afterwards."""
-
-    def __init__(self, model, updates):
-        self.model, self.updates, self.saved = model, updates, {}
-
-    def __enter__(self):
-        with torch.no_grad():
-            for name, update in self.updates.items():
-                param = get_parameter(self.model, name)
-                self.saved[name] = param.detach().clone()
-                param.add_(update.dense().to(param.dtype))
-        return self.model
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for name, weight in self.saved.items():
-                get_parameter(self.model, name).copy_(weight)
-
-
 def _keys(model, tokenizer, module, request, templates):
     """Independent reference for a key: the module's input at the subject's last token, averaged over templates."""
     rows = []
@@ -118,10 +78,10 @@ def _no_hooks(model):
 def test_batch_makes_every_new_target_win(lm, edited):
     model, tokenizer = lm
     editor, updates, _, _ = edited
-    before = [_margin(model, tokenizer, r) for r in REQUESTS]
+    before = [new_vs_true_margin(model, tokenizer, r) for r in REQUESTS]
     assert all(m > 0 for m in before), before  # the true targets are the likelier ones before the edit
-    with _Written(model, updates):
-        after = [_margin(model, tokenizer, r) for r in REQUESTS]
+    with UpdatesWritten(model, updates):
+        after = [new_vs_true_margin(model, tokenizer, r) for r in REQUESTS]
     assert all(m < 0 for m in after), (before, after)
     assert editor.last_metrics["loss"] < editor.last_metrics["loss_init"]
     assert [t.case_id for t in editor.last_trace] == [0, 1, 2, 3]
@@ -133,7 +93,7 @@ def test_targets_are_reached_at_the_last_edited_layer(lm, edited):
     editor, updates, _, _ = edited
     targets = torch.stack([t.target for t in editor.last_trace])
     deltas = torch.stack([t.delta for t in editor.last_trace])
-    with _Written(model, updates):
+    with UpdatesWritten(model, updates):
         reached = editor._fact_hidden(model, tokenizer, REQUESTS, LAYERS[-1])
     remaining = (targets - reached).norm(dim=1)
     assert (remaining < 0.5 * deltas.norm(dim=1)).all(), (remaining, deltas.norm(dim=1))
@@ -152,13 +112,13 @@ def test_parameter_names_and_protocol(lm, tiny_arch):
     model, _ = lm
     editor = MEMIT(layers=[0, 2, 3])
     assert isinstance(editor, Editor)
-    assert editor.parameter_names(model) == _names(tiny_arch, [0, 2, 3])
+    assert editor.parameter_names(model) == edited_names(tiny_arch, [0, 2, 3])
 
 
 def test_each_layers_update_has_rank_at_most_the_batch_size(lm, edited, tiny_arch):
     model, _ = lm
     _, updates, _, _ = edited
-    assert list(updates) == _names(tiny_arch)
+    assert list(updates) == edited_names(tiny_arch, LAYERS)
     in_dim = 256 if tiny_arch == "gpt2" else 176
     for name, update in updates.items():
         param = get_parameter(model, name)
@@ -177,7 +137,7 @@ def test_update_solves_memits_normal_equations(lm, edited, tiny_corpus, tiny_arc
     model, tokenizer = lm
     editor, updates, _, _ = edited
     deltas = torch.stack([t.delta for t in editor.last_trace]).T.double()
-    for j, (trace, name) in enumerate(zip(editor.last_layers, _names(tiny_arch))):
+    for j, (trace, name) in enumerate(zip(editor.last_layers, edited_names(tiny_arch, LAYERS))):
         module_name = name.removesuffix(".weight")
         mom2 = second_moment(model, tokenizer, module_name, str(tiny_corpus), n_samples=200).double()
         dense = updates[name].dense().double()
@@ -194,13 +154,13 @@ def test_keys_of_later_layers_see_the_earlier_updates(lm, edited, tiny_arch):
     model, tokenizer = lm
     editor, updates, _, _ = edited
     templates = editor.context_templates
-    names = _names(tiny_arch)
+    names = edited_names(tiny_arch, LAYERS)
     first, second = (get_module(model, n.removesuffix(".weight")) for n in names)
     request = REQUESTS[2]
     k0 = _keys(model, tokenizer, first, request, templates)
     torch.testing.assert_close(editor.last_layers[0].keys[:, 2], k0, rtol=1e-4, atol=1e-5)
     k1_unedited = _keys(model, tokenizer, second, request, templates)
-    with _Written(model, {names[0]: updates[names[0]]}):
+    with UpdatesWritten(model, {names[0]: updates[names[0]]}):
         k1_after_first = _keys(model, tokenizer, second, request, templates)
     torch.testing.assert_close(editor.last_layers[1].keys[:, 2], k1_after_first, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(editor.last_layers[1].keys[:, 2], k1_unedited, rtol=1e-3, atol=1e-4)
@@ -219,7 +179,7 @@ def test_identity_stats_files_equal_no_adjustment(lm, tiny_arch, tmp_path):
     mapping = MEMIT(stats_file={layer: str(tmp_path / f"eye{layer}.safetensors") for layer in LAYERS}, **settings)
     plain = MEMIT(mom2_adjustment=False, **settings)
     results = [e.compute_update(model, tokenizer, REQUESTS[:2]) for e in (template, mapping, plain)]
-    for name in _names(tiny_arch):
+    for name in edited_names(tiny_arch, LAYERS):
         torch.testing.assert_close(results[0][name].dense(), results[2][name].dense(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(results[1][name].dense(), results[2][name].dense(), rtol=1e-5, atol=1e-7)
     save_file({"mom2": torch.eye(in_dim + 3)}, str(tmp_path / "wrong0.safetensors"))
@@ -280,7 +240,7 @@ def test_same_settings_give_bit_identical_updates_in_train_mode_too(lm):
 def test_bfloat16_model_gets_float32_factors(tiny_model_dir, tiny_arch):
     model = load_causal_lm(str(tiny_model_dir), dtype="bfloat16")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    weights = {n: get_parameter(model, n).detach().clone() for n in _names(tiny_arch)}
+    weights = {n: get_parameter(model, n).detach().clone() for n in edited_names(tiny_arch, LAYERS)}
     editor = MEMIT(mom2_adjustment=False, **{**FAST, "v_num_grad_steps": 2})
     updates = editor.compute_update(model, tokenizer, REQUESTS[:2])
     for name, weight in weights.items():
@@ -306,7 +266,7 @@ def test_sequential_batches_under_the_lightning_loop(tiny_model_dir, tiny_arch, 
     module = SequentialEditor(model=str(tiny_model_dir), editor=editor, save_edited_model=False, verbose=False)
     data = EditDataModule(source=str(counterfact_file(6)), batch_size=3)
     names = module.edited_parameter_names
-    assert names == _names(tiny_arch)
+    assert names == edited_names(tiny_arch, LAYERS)
     w_start = {n: get_parameter(module.model, n).detach().clone() for n in names}
     prune = PRUNECallback(alpha=100.0, mode="online")
     trainer = make_trainer(callbacks=[ConditionNumberMonitor(every_n_edits=1), prune])

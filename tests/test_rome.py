@@ -11,6 +11,7 @@ import torch
 from prune_lightning.data import EditRequest
 from prune_lightning.editors import ROME, ROME_PRESETS, Editor, LowRankUpdate, second_moment
 from prune_lightning.models import get_module, get_parameter, load_causal_lm, load_tokenizer
+from conftest import UpdatesWritten, edited_names, new_vs_true_margin
 
 # Single-token targets of the tiny tokenizer; on both tiny models "tennis" is the likelier one before the edit.
 REQUEST = EditRequest(prompt="The favourite sport of {}", subject="Danielle Darrieux", target_new="piano",
@@ -40,49 +41,9 @@ def edited(lm, tiny_corpus):
     return editor, updates, before, after
 
 
-def _nll(model, tokenizer, prompt, target):
-    """Mean token NLL of ' ' + target after prompt, teacher-forced: an independent reference."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1].float(), dim=-1)
-    return -logp[torch.arange(len(target_ids)), torch.tensor(target_ids)].mean().item()
-
-
 def _next_token_probs(model, tokenizer, prompt):
     with torch.no_grad():
         return torch.softmax(model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1].float(), dim=-1)
-
-
-class _Written:
-    """Context manager: the update written into the parameter, the original weight restored afterwards."""
-
-    def __init__(self, model, updates):
-        self.model, self.updates, self.saved = model, updates, {}
-
-    def __enter__(self):
-        with torch.no_grad():
-            for name, update in self.updates.items():
-                param = get_parameter(self.model, name)
-                self.saved[name] = param.detach().clone()
-                param.add_(update.dense().to(param.dtype))
-        return self.model
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for name, weight in self.saved.items():
-                get_parameter(self.model, name).copy_(weight)
-
-
-def _margin(model, tokenizer, request):
-    """NLL(new) - NLL(true) on the edited prompt: negative when the new target wins."""
-    prompt = request.rendered_prompt
-    return _nll(model, tokenizer, prompt, request.target_new) - _nll(model, tokenizer, prompt, request.target_true)
-
-
-def _expected_name(tiny_arch):
-    return "transformer.h.1.mlp.c_proj.weight" if tiny_arch == "gpt2" else "model.layers.1.mlp.down_proj.weight"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -93,10 +54,10 @@ def _expected_name(tiny_arch):
 def test_edit_makes_the_new_target_win(lm, edited):
     model, tokenizer = lm
     editor, updates, _, _ = edited
-    before = _margin(model, tokenizer, REQUEST)
+    before = new_vs_true_margin(model, tokenizer, REQUEST)
     assert before > 0  # the true target is the more likely one before the edit
-    with _Written(model, updates):
-        after = _margin(model, tokenizer, REQUEST)
+    with UpdatesWritten(model, updates):
+        after = new_vs_true_margin(model, tokenizer, REQUEST)
     assert after < 0, (before, after)
     assert before - after > 0.3
     assert editor.last_metrics["loss"] < editor.last_metrics["loss_init"] - 0.3
@@ -107,7 +68,7 @@ def test_unrelated_prompts_change_little(lm, edited):
     _, updates, _, _ = edited
     prompts = [REQUEST.rendered_prompt] + UNRELATED
     before = [_next_token_probs(model, tokenizer, p) for p in prompts]
-    with _Written(model, updates):
+    with UpdatesWritten(model, updates):
         after = [_next_token_probs(model, tokenizer, p) for p in prompts]
     tv = [0.5 * (a - b).abs().sum().item() for a, b in zip(after, before)]  # total-variation distance
     assert tv[0] > 0.01
@@ -125,15 +86,15 @@ def test_parameter_names_and_protocol(lm, tiny_arch):
     model, _ = lm
     editor = ROME(layer=1)
     assert isinstance(editor, Editor)
-    assert editor.parameter_names(model) == [_expected_name(tiny_arch)]
+    assert editor.parameter_names(model) == [edited_names(tiny_arch, [1])[0]]
 
 
 def test_update_is_rank_one_in_the_parameters_layout(lm, edited, tiny_arch):
     model, _ = lm
     _, updates, _, _ = edited
-    assert list(updates) == [_expected_name(tiny_arch)]
-    update = updates[_expected_name(tiny_arch)]
-    param = get_parameter(model, _expected_name(tiny_arch))
+    assert list(updates) == [edited_names(tiny_arch, [1])[0]]
+    update = updates[edited_names(tiny_arch, [1])[0]]
+    param = get_parameter(model, edited_names(tiny_arch, [1])[0])
     assert isinstance(update, LowRankUpdate) and update.rank == 1
     assert update.shape == tuple(param.shape)
     assert update.left.dtype == update.right.dtype == torch.float32
@@ -162,7 +123,7 @@ def test_update_writes_value_at_key_and_spares_c_orthogonal_keys(lm, edited, tin
     probe = torch.stack([key, x_perp]).float()
     with torch.no_grad():
         old = module(probe)
-        with _Written(model, updates):
+        with UpdatesWritten(model, updates):
             new = module(probe)
     bias = module.bias.detach() if module.bias is not None else 0.0  # LLaMA's down_proj has none
     torch.testing.assert_close(new[0] - bias, trace.value, rtol=1e-4, atol=1e-5)
@@ -245,7 +206,7 @@ def test_train_mode_is_restored_and_does_not_matter(lm):
 def test_batch_of_two_is_rank_two_and_sequential(lm, edited, tiny_arch, tiny_corpus):
     model, tokenizer = lm
     editor, single, _, _ = edited
-    name = _expected_name(tiny_arch)
+    name = edited_names(tiny_arch, [1])[0]
     weight = get_parameter(model, name).detach().clone()
     batch = editor.compute_update(model, tokenizer, [REQUEST, OTHER_REQUEST])
     update = batch[name]
@@ -259,13 +220,13 @@ def test_batch_of_two_is_rank_two_and_sequential(lm, edited, tiny_arch, tiny_cor
     alone = editor.compute_update(model, tokenizer, [OTHER_REQUEST])[name]
     assert not torch.allclose(alone.dense(), update.left[:, 1:] @ update.right[:, 1:].T)
     # Both edits hold after writing the batch.
-    with _Written(model, batch):
-        assert _margin(model, tokenizer, REQUEST) < 0
+    with UpdatesWritten(model, batch):
+        assert new_vs_true_margin(model, tokenizer, REQUEST) < 0
 
 
 def test_failure_mid_batch_restores_weights_hooks_and_grads(lm, tiny_arch, monkeypatch):
     model, tokenizer = lm
-    name = _expected_name(tiny_arch)
+    name = edited_names(tiny_arch, [1])[0]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     editor = ROME(mom2_adjustment=False, **{**FAST, "v_num_grad_steps": 3})
     calls = []
@@ -354,7 +315,7 @@ def test_intermediate_loss_layer_reads_logits_through_the_final_norm(lm):
 def test_bfloat16_model_gets_float32_factors(tiny_model_dir, tiny_arch):
     model = load_causal_lm(str(tiny_model_dir), dtype="bfloat16")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    name = _expected_name(tiny_arch)
+    name = edited_names(tiny_arch, [1])[0]
     weight = get_parameter(model, name).detach().clone()
     editor = ROME(mom2_adjustment=False, **{**FAST, "v_num_grad_steps": 3})
     update = editor.compute_update(model, tokenizer, [REQUEST])[name]
