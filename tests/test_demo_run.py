@@ -45,7 +45,7 @@ def test_demo_writes_the_comparison(tmp_path, monkeypatch):
 def test_demo_needs_the_last_edit_measured(tmp_path):
     config = tmp_path / "demo.yaml"
     config.write_text("n_requests: 10\nevery_n_edits: 4\n")
-    with pytest.raises(ValueError, match="multiple of every_n_edits"):
+    with pytest.raises(ValueError, match=r"demo\.yaml: n_requests \(10\) must be a multiple of every_n_edits"):
         main(["demo", "--config", str(config), "--output", str(tmp_path / "out")])
 
 

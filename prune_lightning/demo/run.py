@@ -80,7 +80,10 @@ class DemoConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown demo settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def __post_init__(self) -> None:
         if self.n_requests < 1 or self.every_n_edits < 1:
