@@ -16,6 +16,12 @@ data-parallel run in which every rank edits different requests therefore compute
 - **evaluation is sharded**: evaluators score ``examples[rank::world]`` and sum their torchmetrics states across
   ranks.
 
+A sharded model (FSDP2, ``ModelParallelStrategy``) adds one rule: every forward is a collective (each layer
+all-gathers its weights), so all ranks must run the same number of forwards. Editing keeps it by doing the same
+work on every rank (ROME's rows are not split there); sharded evaluation keeps it with :func:`lockstep`, which pairs
+each rank's forwards with the other ranks' and lets a rank that has finished its shard run stand-in forwards until
+the others have finished theirs.
+
 Editors see the split through :func:`current_split`, which is the trivial one-process :class:`WorkSplit` except
 inside :func:`split_work` (``SequentialEditor`` enters it around ``editor.compute_update`` when it runs on several
 processes). So an editor called directly - in a notebook, in a test, on one rank of a job - computes everything
@@ -43,6 +49,7 @@ __all__ = [
     "broadcast_",
     "current_split",
     "is_distributed",
+    "lockstep",
     "rank",
     "same_on_all_ranks",
     "shard",
@@ -228,3 +235,52 @@ def split_work(group: Any = None) -> Iterator[WorkSplit]:
         yield _current
     finally:
         _current = previous
+
+
+_lockstep_depth = 0
+
+
+@contextlib.contextmanager
+def lockstep(model: torch.nn.Module, group: Any = None) -> Iterator[None]:
+    """Inside, the forwards of a sharded ``model`` stay paired across the ranks, whatever each rank runs.
+
+    Under FSDP every forward of the model is a collective, so ranks that score shards of different sizes (or
+    generate different numbers of tokens) would wait for each other forever. Here each forward of ``model`` first
+    tells the other ranks that one is coming (an ``all_reduce`` of a flag); on leaving, a rank answers every forward
+    the others still run with a stand-in forward of one token, until no rank has any left. Every rank must enter
+    and leave it, also one with nothing to do. It nests (only the outermost one acts), and does nothing for a model
+    that is not sharded or outside a process group.
+
+    Args:
+        model: The model whose forwards are paired (its root module; calls to it, and ``generate``, are seen).
+        group: The process group (``None``: all processes).
+    """
+    global _lockstep_depth
+    from prune_lightning.models import is_sharded_model
+
+    if _lockstep_depth or not is_distributed(group) or not is_sharded_model(model):
+        _lockstep_depth += 1
+        try:
+            yield
+        finally:
+            _lockstep_depth -= 1
+        return
+    device = next(model.parameters()).device
+    standing_in = False
+
+    def announce(_module: Any, _args: Any) -> None:
+        if not standing_in:
+            all_reduce_max_(torch.ones(1, dtype=torch.int64, device=device), group)
+
+    handle = model.register_forward_pre_hook(announce, prepend=True)  # before FSDP's own pre-forward gathers
+    _lockstep_depth += 1
+    try:
+        yield
+        standing_in = True
+        stand_in = torch.zeros(1, 1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            while int(all_reduce_max_(torch.zeros(1, dtype=torch.int64, device=device), group)):
+                model(input_ids=stand_in, use_cache=False)
+    finally:
+        _lockstep_depth -= 1
+        handle.remove()

@@ -28,6 +28,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from prune_lightning.distributed import lockstep
+
 __all__ = ["context_length", "find_language_model", "generate_batched"]
 
 # Config attributes that hold a model's maximum sequence length, in the order they are tried.
@@ -166,40 +168,43 @@ def generate_batched(
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
                 f"{max_length} tokens"
             )
-    if not prompts:
-        return []
-    encoded, truncated = _encode(tokenizer, prompts, budget)
-    if truncated:
-        rank_zero_warn(
-            f"generate_batched: {truncated} of {len(prompts)} prompts are longer than {budget} tokens (context "
-            f"{max_length} - max_new_tokens {max_new_tokens}) and were truncated from the left"
-        )
+    # A sharded model (FSDP): every rank enters, also one without prompts, and the forwards stay paired.
+    with lockstep(model):
+        if not prompts:
+            return []
+        encoded, truncated = _encode(tokenizer, prompts, budget)
+        if truncated:
+            rank_zero_warn(
+                f"generate_batched: {truncated} of {len(prompts)} prompts are longer than {budget} tokens (context "
+                f"{max_length} - max_new_tokens {max_new_tokens}) and were truncated from the left"
+            )
 
-    pad_id = _pad_token_id(tokenizer)
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # stable: ties keep prompt order
-    outputs: list[str] = [""] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
-                generated = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id,
-                )
-                texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
-                for i, text in zip(rows, texts):
-                    outputs[i] = text
-    finally:
-        model.train(was_training)
-    return outputs
+        pad_id = _pad_token_id(tokenizer)
+        device = next(model.parameters()).device
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # stable: ties keep prompt order
+        outputs: list[str] = [""] * len(encoded)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(order), batch_size):
+                    rows = order[start : start + batch_size]
+                    input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
+                    generated = model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        do_sample=False,
+                        num_beams=1,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=pad_id,
+                        synced_gpus=False,  # lockstep pairs the forwards across ranks
+                    )
+                    texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+                    for i, text in zip(rows, texts):
+                        outputs[i] = text
+        finally:
+            model.train(was_training)
+        return outputs
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -329,6 +329,47 @@ def write_weight(param: torch.Tensor, full: torch.Tensor) -> None:
     param.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is sharded across ranks (FSDP2)."""
+    return any(is_sharded(param) for param in model.parameters())
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules of the classes it names in ``_no_split_modules`` (``GPT2Block``,
+    ``LlamaDecoderLayer``, ...), in module order."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(model).__name__}: it names no _no_split_modules classes "
+            f"({sorted(names) or 'none'}) that occur in it"
+        )
+    return layers
+
+
+def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True) -> bool:
+    """Shards ``model`` with FSDP2 (``fully_shard``) over ``mesh``: every decoder layer a unit of its own, then the
+    rest (embeddings, final norm, head) as the root unit. Returns whether it sharded (a model already sharded is
+    left as it is, so this may run again, as Lightning's ``configure_model`` does).
+
+    A 1-D ``mesh`` shards every parameter across its ranks; a 2-D one (replicate, shard) gives HSDP: replicas
+    across the first dimension (nodes), shards within the second (the GPUs of a node).
+
+    Args:
+        model: A Hugging Face causal LM (unsharded, on any device).
+        mesh: A ``torch.distributed.device_mesh.DeviceMesh``.
+        reshard_after_forward: Free each layer's gathered weights after its forward (FSDP2's default).
+    """
+    if is_sharded_model(model):
+        return False
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return True
+
+
 def linear_weight_names(model: nn.Module, template: str, layers: Sequence[int]) -> list[str]:
     """``template.format(layer) + ".weight"`` for each layer; a module that does not exist or is not a linear map
     raises a ``ValueError`` (listing the modules there are)."""

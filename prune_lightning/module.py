@@ -39,14 +39,13 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from typing_extensions import override
 
 from prune_lightning import distributed
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update, implements_editor
-from prune_lightning.models import load_causal_lm, load_tokenizer
+from prune_lightning.models import is_sharded_model, load_causal_lm, load_tokenizer, shard_model
 from prune_lightning.registry import EditRegistry
 
 # Both are by design here: there is no optimizer (edits are closed-form writes), and the model stays in eval mode
@@ -105,6 +104,7 @@ class SequentialEditor(LightningModule):
         self.automatic_optimization = False
         self._editor_ready = False
         self._replicated = False  # editing on several processes (set in setup)
+        self._split_rows = False  # the editor spreads the rows of its optimisation over the ranks (DDP)
         self._grad_flags: dict[nn.Parameter, bool] = {}
         self.register_state_dict_post_hook(_drop_ddp_anchor)
         self.register_load_state_dict_post_hook(_ignore_ddp_anchor)
@@ -118,13 +118,38 @@ class SequentialEditor(LightningModule):
         if stage != "fit":
             return
         if self._trainer is not None and self.trainer.world_size > 1:
-            _check_strategy(self.trainer)
-            self._prepare_replicas()
+            if _check_strategy(self.trainer) == "replicas":
+                self._prepare_replicas()
+            else:  # sharded: the parameters stay as they are (no DistributedDataParallel wrapper)
+                self._replicated = distributed.is_distributed()
+                self._split_rows = False
         self.prepare_editor()
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shards the model with FSDP2 over the strategy's device mesh.
+
+        Every decoder layer is a shard unit, the embeddings, final norm and head the root unit
+        (:func:`~prune_lightning.models.shard_model`). The mesh Lightning builds has the dimensions
+        ``(data_parallel, tensor_parallel)`` - by default (nodes, devices per node); the model is sharded across all
+        of them when one has size 1, and with two (several nodes of several devices) replicated across nodes and
+        sharded within a node (HSDP). No tensor parallelism is applied. Runs after :meth:`setup` (the editor's
+        statistics and ``W_0`` are taken from the whole model) and may run again (a later validate / test).
+        """
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        mesh = self.device_mesh
+        data, shards = mesh["data_parallel"], mesh["tensor_parallel"]
+        if shards.size() == 1:
+            mesh = data
+        elif data.size() == 1:
+            mesh = shards
+        shard_model(self.model, mesh)
 
     def _prepare_replicas(self) -> None:
         """Before Lightning wraps the module in ``DistributedDataParallel``: freeze the model, add the anchor."""
         self._replicated = distributed.is_distributed()
+        self._split_rows = self._replicated
         if not self._grad_flags:
             self._grad_flags = {p: p.requires_grad for p in self.model.parameters()}
         self.model.requires_grad_(False)
@@ -137,7 +162,7 @@ class SequentialEditor(LightningModule):
         for param, flag in self._grad_flags.items():
             param.requires_grad_(flag)
         self._grad_flags = {}
-        self._replicated = False
+        self._replicated = self._split_rows = False
         if self._trainer is not None and _workers_end_with_run(self.trainer) and dist.is_initialized():
             # ddp_spawn / ddp_fork: this worker process ends now. Destroying the group avoids the intermittent
             # "terminate called without an active exception" (exit 134) at exit (STACK.md).
@@ -184,7 +209,7 @@ class SequentialEditor(LightningModule):
     def apply_edit(self, requests: Sequence) -> dict[str, float]:
         """Computes the editor's updates for one batch, writes them and records them; returns metrics to log."""
         self.prepare_editor()
-        with distributed.split_work() if self._replicated else contextlib.nullcontext():
+        with distributed.split_work() if self._split_rows else contextlib.nullcontext():
             updates = self.editor.compute_update(self.model, self.tokenizer, requests)
         unknown = [name for name in updates if name not in self.edit_registry]
         if unknown:
@@ -297,13 +322,26 @@ class SequentialEditor(LightningModule):
         run_dir = self.trainer.log_dir if self.trainer.log_dir else self.trainer.default_root_dir
         return Path(run_dir) / "edited_model"
 
-    @rank_zero_only
-    def save_edited_model(self, path: os.PathLike) -> Path:
-        """Saves model and tokenizer with ``save_pretrained`` (safetensors); written to a temp dir, then renamed."""
+    def save_edited_model(self, path: os.PathLike) -> Optional[Path]:
+        """Saves model and tokenizer with ``save_pretrained`` (safetensors) on rank 0; written to a temp dir, then
+        renamed. A sharded model is gathered into rank 0's CPU memory first (every rank must call this); returns the
+        path on rank 0, ``None`` on the others."""
+        state_dict = None
+        if is_sharded_model(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state_dict = get_model_state_dict(self.model, options=options)  # whole tensors on rank 0 only
+            # One entry per tensor, as save_pretrained writes an unsharded model: tied weights (GPT-2's head and
+            # input embedding) are gathered as copies, of which named_parameters() names only the first.
+            names = {name for name, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+            state_dict = {name: value for name, value in state_dict.items() if name in names}
+        if distributed.rank() != 0:
+            return None
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
         if path.exists():
             shutil.rmtree(path)
@@ -312,25 +350,31 @@ class SequentialEditor(LightningModule):
         return path
 
 
-def _check_strategy(trainer: Trainer) -> None:
-    """Refuses the strategies that sequential editing on several processes does not support (yet)."""
+def _check_strategy(trainer: Trainer) -> str:
+    """``"replicas"`` (a DDPStrategy) or ``"shards"`` (ModelParallelStrategy: FSDP2); refuses the other strategies."""
     strategy = trainer.strategy
     name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy):
+        return "shards"
+    if isinstance(strategy, DDPStrategy):
+        return "replicas"
     if "DeepSpeed" in name:
         raise NotImplementedError(
             f"SequentialEditor does not support {name}: DeepSpeed partitions the parameters and wraps their "
-            "updates, while an edit writes whole matrices in closed form. Use strategy='ddp'."
+            "updates, while an edit writes whole matrices in closed form. Use strategy='ddp', or "
+            "ModelParallelStrategy to shard the model (FSDP2)."
         )
     if "FSDP" in name:
         raise NotImplementedError(
-            f"SequentialEditor does not support {name} yet: an edit reads and writes whole matrices, which FSDP "
-            "shards across the ranks. Use strategy='ddp' (every rank holds the whole model)."
+            f"SequentialEditor does not support {name}: it wraps the model in FSDP1, whose flattened parameter "
+            "shards an edit cannot address as matrices. Shard with FSDP2 instead: strategy "
+            "lightning.pytorch.strategies.ModelParallelStrategy (configs/llama2-7b/rome-fsdp.yaml), or use "
+            "strategy='ddp' when the model fits one device."
         )
-    if not isinstance(strategy, DDPStrategy):
-        raise NotImplementedError(
-            f"SequentialEditor runs on {trainer.world_size} processes only under a DDPStrategy ('ddp', "
-            f"'ddp_spawn', ...), which keeps a whole replica of the model on every rank; got {name}."
-        )
+    raise NotImplementedError(
+        f"SequentialEditor runs on {trainer.world_size} processes only under a DDPStrategy ('ddp', 'ddp_spawn', "
+        f"...: a whole replica of the model on every rank) or ModelParallelStrategy (FSDP2 shards); got {name}."
+    )
 
 
 def _workers_end_with_run(trainer: Trainer) -> bool:

@@ -5,28 +5,21 @@ the same weights on both ranks - and the single-process ones - and the same gene
 copies only the weights back to the parent, so each rank saves what the test compares in ``on_fit_end``.
 """
 
-import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DistributedSampler
 
 from conftest import write_counterfact
+from distributed_fit import N_EDITS, fit, write_tasks
 from prune_lightning import EditDataModule, SequentialEditor
-from prune_lightning.callbacks import (ConditionNumberMonitor, EditQualityEvaluator, GeneralAbilityEvaluator,
-                                       PRUNECallback, TaskConfig)
 from prune_lightning.distributed import WorkSplit, current_split, shard, shard_indices, split_work
 from prune_lightning.models import get_parameter
-
-N_EDITS = 10
-ALPHA = 1e4  # the tiny model's sigma_max(W_0) is small: ln(alpha) must exceed 1 / sigma_max(W_0) for F to shrink
-ROME_SETTINGS = dict(layer=1, v_num_grad_steps=20, v_lr=0.5, mom2_n_samples=200, v_weight_decay=0.5,
-                     context_template_lengths=((5, 2),))  # conftest's rome_factory(): 3 templates + KL = 4 rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -64,13 +57,19 @@ def test_train_loader_is_never_split_and_eval_loaders_are_sharded(tmp_path):
     # A DistributedSampler by type: Lightning then leaves the loader alone, whatever use_distributed_sampler says.
     assert isinstance(train.sampler, DistributedSampler)
     assert [r.case_id for batch in train for r in batch] == [0, 1, 2, 3, 4]
-    shards = []
-    for rank in range(2):
-        data.trainer = SimpleNamespace(global_rank=rank, world_size=2)
-        loader = data.val_dataloader()
-        assert isinstance(loader.sampler, DistributedSampler)
-        shards.append([r.case_id for batch in loader for r in batch])
-    assert shards == [[0, 2, 4], [1, 3]]  # each request once, no padding with repeats
+    for world_size, batch_size, expected in [(2, 1, [[[0], [2], [4]], [[1], [3], []]]),
+                                             (2, 2, [[[0, 2], [4]], [[1, 3], []]]),
+                                             (8, 1, [[[i]] for i in range(5)] + [[[]]] * 3)]:
+        data.batch_size = batch_size
+        batches = []
+        for rank in range(world_size):
+            data.trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+            loader = data.val_dataloader()
+            assert isinstance(loader.sampler, DistributedSampler)
+            batches.append([[r.case_id for r in batch] for batch in loader])
+        # Each request once, no padding with repeats; every rank as many batches (the short shards end in empty
+        # ones), also a rank without any request: the evaluation loop runs on every rank.
+        assert batches == expected
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -122,71 +121,14 @@ def _probe_collectives_and_rome(pl_module, request) -> dict:
     return out
 
 
-class _SaveResults(Callback):
-    """Saves this rank's edited matrix and the callbacks' histories (ddp_spawn does not bring them back)."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-        self.probe: dict = {}
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.probe = _probe_collectives_and_rome(pl_module, trainer.datamodule.requests[0])
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        (name,) = pl_module.edited_parameter_names
-        found = {type(c).__name__: c for c in trainer.callbacks}
-        torch.save({
-            "probe": self.probe,
-            "weight": get_parameter(pl_module.model, name).detach().clone(),
-            "requests_edited": pl_module.requests_edited,
-            "global_step": trainer.global_step,
-            "general": found["GeneralAbilityEvaluator"].history,
-            "quality": found["EditQualityEvaluator"].history,
-            "condition": found["ConditionNumberMonitor"].history,
-            "prune": found["PRUNECallback"].history,
-            "requires_grad": any(p.requires_grad for p in pl_module.model.parameters()),
-            "state_dict_keys": sorted(pl_module.state_dict()),
-        }, Path(self.out_dir) / f"world{trainer.world_size}-rank{trainer.global_rank}.pt")
-
-
-def _write_tasks(root: Path) -> list[TaskConfig]:
-    """Small task files in the paper's formats (as tests/test_evaluators.py writes them); odd sizes, uneven shards."""
-    gsm8k = root / "test-reasoning.jsonl"
-    gsm8k.write_text("".join(json.dumps({
-        "question": f"Tom has {i} apples and buys 2 more. How many apples does he have?",
-        "answer": f"He has {i} + 2 = <<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}"}) + "\n" for i in range(3)))
-    rte = root / "test-NLI.tsv"
-    rows = ["index\tsentence1\tsentence2\tlabel"]
-    rows += [f"{i}\tThe Eiffel Tower is in Paris {i}.\tParis has a tower.\t"
-             f"{'entailment' if i % 2 else 'not_entailment'}" for i in range(5)]
-    rte.write_text("\n".join(rows) + "\n")
-    return [TaskConfig("gsm8k", str(gsm8k), limit=0), TaskConfig("rte", str(rte), limit=0)]
-
-
-def _fit(devices: int, root: Path, requests_file: Path, tasks: list, corpus: str) -> SequentialEditor:
-    from prune_lightning.cli import TRAINER_DEFAULTS
-    from prune_lightning.editors import ROME
-
-    module = SequentialEditor(model="tiny:gpt2", editor=ROME(**ROME_SETTINGS, mom2_corpus=corpus),
-                              save_edited_model=devices > 1, verbose=False)
-    callbacks = [PRUNECallback(alpha=ALPHA, mode="online"), ConditionNumberMonitor(),
-                 GeneralAbilityEvaluator(tasks=tasks, every_n_edits=5, batch_size=2),
-                 EditQualityEvaluator(every_n_edits=5, batch_size=8), _SaveResults(str(root))]
-    strategy = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = Trainer(**{**TRAINER_DEFAULTS, "accelerator": "cpu", "devices": devices, **strategy,
-                         "default_root_dir": root, "logger": CSVLogger(root, name=f"logs{devices}"),
-                         "enable_progress_bar": False, "enable_checkpointing": False, "callbacks": callbacks})
-    trainer.fit(module, datamodule=EditDataModule(source=str(requests_file)))
-    return module
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory, tiny_corpus):
     root = tmp_path_factory.mktemp("ddp")
     requests_file = write_counterfact(root / "cf.json", N_EDITS)
-    tasks = _write_tasks(root)
-    single_module = _fit(1, root, requests_file, tasks, str(tiny_corpus))  # first: caches the statistics
-    parent_module = _fit(2, root, requests_file, tasks, str(tiny_corpus))
+    tasks = write_tasks(root)
+    single_module = fit(1, root, requests_file, tasks, str(tiny_corpus), probe=_probe_collectives_and_rome)
+    parent_module = fit(2, root, requests_file, tasks, str(tiny_corpus), strategy="ddp_spawn",
+                        probe=_probe_collectives_and_rome)
     load = lambda name: torch.load(root / name, weights_only=True)  # noqa: E731
     return dict(root=root, single=load("world1-rank0.pt"), ranks=[load(f"world2-rank{r}.pt") for r in range(2)],
                 single_module=single_module, parent_module=parent_module)
@@ -217,22 +159,26 @@ def test_collectives_and_rome_split_match_one_process(ddp_runs):
 
 def test_ddp_ranks_end_with_the_single_process_weights(ddp_runs):
     single, ranks = ddp_runs["single"], ddp_runs["ranks"]
-    for out in ranks:
-        assert out["requests_edited"] == N_EDITS and out["global_step"] == N_EDITS  # every rank edited every request
-        torch.testing.assert_close(out["weight"], single["weight"], rtol=0, atol=1e-5)
-    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])  # bit-identical replicas
+    _assert_same_weights(single, ranks)
     assert not torch.allclose(single["weight"], ddp_runs["single_module"].edit_registry[
         ddp_runs["single_module"].edited_parameter_names[0]].w0)  # the edits did change the matrix
-    # PRUNE restrained (online) in both runs, the same number of values at every write.
-    restrained = [[h["restrained"] for h in out["prune"]] for out in (single, *ranks)]
-    assert restrained[0] == restrained[1] == restrained[2] and len(restrained[0]) == N_EDITS and sum(restrained[0]) > 0
     # ddp_spawn copies rank 0's weights back into the parent's module.
     (name,) = ddp_runs["parent_module"].edited_parameter_names
     torch.testing.assert_close(get_parameter(ddp_runs["parent_module"].model, name), ranks[0]["weight"])
 
 
-def test_ddp_scores_and_spectra_equal_the_single_process_ones(ddp_runs):
-    single, ranks = ddp_runs["single"], ddp_runs["ranks"]
+def _assert_same_weights(single: dict, ranks: list[dict]) -> None:
+    """Every rank edited every request and ends with the single-process matrix; PRUNE restrained the same values."""
+    for out in ranks:
+        assert out["requests_edited"] == N_EDITS and out["global_step"] == N_EDITS
+        torch.testing.assert_close(out["weight"], single["weight"], rtol=0, atol=1e-5)
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])  # bit-identical on every rank
+    restrained = [[h["restrained"] for h in out["prune"]] for out in (single, *ranks)]
+    assert restrained[0] == restrained[1] == restrained[2] and len(restrained[0]) == N_EDITS and sum(restrained[0]) > 0
+
+
+def _assert_same_histories(single: dict, ranks: list[dict]) -> None:
+    """General-ability scores, condition numbers and edit quality as in the single-process run, on every rank."""
     assert [h["step"] for h in single["general"]] == [0, 0, 5, 5, 10, 10]
     for out in ranks:
         assert out["general"] == single["general"]  # integer counts over the shards: exactly equal
@@ -249,13 +195,17 @@ def test_ddp_scores_and_spectra_equal_the_single_process_ones(ddp_runs):
         assert ranks[0][key] == ranks[1][key]  # the same history on every rank
 
 
+def test_ddp_scores_and_spectra_equal_the_single_process_ones(ddp_runs):
+    _assert_same_histories(ddp_runs["single"], ddp_runs["ranks"])
+
+
 def test_ddp_freezes_the_model_for_the_fit_and_keeps_the_anchor_out_of_checkpoints(ddp_runs):
     single, ranks = ddp_runs["single"], ddp_runs["ranks"]
     assert single["requires_grad"] and not any(out["requires_grad"] for out in ranks)
     assert all(out["state_dict_keys"] == single["state_dict_keys"] for out in ranks)
     assert not any("ddp_anchor" in key for key in single["state_dict_keys"])
     # Rank 0 saved the edited model (the other rank waited for it before the process group went down).
-    assert list(ddp_runs["root"].glob("logs2/**/edited_model/model.safetensors"))
+    assert list(ddp_runs["root"].glob("logs-world2/**/edited_model/model.safetensors"))
 
 
 def test_the_ddp_anchor_is_neither_saved_nor_required_when_loading():
@@ -269,12 +219,86 @@ def test_the_ddp_anchor_is_neither_saved_nor_required_when_loading():
     assert all(p.requires_grad for p in module.model.parameters())
 
 
-def test_deepspeed_and_fsdp_are_refused():
+def test_deepspeed_and_fsdp1_are_refused_ddp_and_model_parallel_accepted():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
     from prune_lightning.module import _check_strategy
 
     for name, match in [("DeepSpeedStrategy", "does not support DeepSpeedStrategy"),
-                        ("FSDPStrategy", "does not support FSDPStrategy yet"),
-                        ("XLAStrategy", "only under a DDPStrategy")]:
+                        ("FSDPStrategy", "does not support FSDPStrategy: it wraps the model in FSDP1"),
+                        ("XLAStrategy", "only under a DDPStrategy .* or ModelParallelStrategy")]:
         trainer = SimpleNamespace(strategy=type(name, (), {})(), world_size=2)
         with pytest.raises(NotImplementedError, match=match):
             _check_strategy(trainer)
+    assert _check_strategy(SimpleNamespace(strategy=DDPStrategy(), world_size=2)) == "replicas"
+    assert _check_strategy(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2)) == "shards"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FSDP2 (ModelParallelStrategy) with 2 processes, started by torchrun, against the same single-process run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(ddp_runs, tiny_corpus, repo_dir):
+    """``torchrun`` (standalone, 2 CPU processes, gloo) runs ``tests/distributed_fit.py`` with ModelParallelStrategy:
+    Lightning's launcher for it re-runs the script, which under pytest would be pytest itself."""
+    root = ddp_runs["root"]
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tests_dir / "distributed_fit.py"), str(root), str(root / "cf.json"), str(tiny_corpus)]
+    result = subprocess.run(command, cwd=repo_dir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [torch.load(root / f"fsdp-rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_fsdp_ranks_hold_shards_and_end_with_the_single_process_weights(ddp_runs, fsdp_run):
+    single = ddp_runs["single"]
+    _assert_same_weights(single, fsdp_run)
+    full = single["weight"]
+    for rank, out in enumerate(fsdp_run):  # each rank holds its half of the rows (Shard(0)), not the whole matrix
+        assert out["local_shard"].shape[0] == full.shape[0] // 2
+        torch.testing.assert_close(out["local_shard"], out["weight"].chunk(2, dim=0)[rank], rtol=0, atol=0)
+    # The model was not frozen (no DistributedDataParallel wrapper, so no anchor either).
+    assert all(out["requires_grad"] for out in fsdp_run)
+    assert all(out["state_dict_keys"] == single["state_dict_keys"] for out in fsdp_run)
+
+
+def test_fsdp_scores_and_spectra_equal_the_single_process_ones(ddp_runs, fsdp_run):
+    """The evaluators shard odd numbers of examples across the ranks: distributed.lockstep keeps the sharded
+    model's forwards paired (without it the run would hang)."""
+    _assert_same_histories(ddp_runs["single"], fsdp_run)
+
+
+def test_fsdp_rank_zero_saves_the_whole_edited_model(ddp_runs, fsdp_run):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    (saved,) = ddp_runs["root"].glob("logs-fsdp/**/edited_model")
+    (unsharded,) = ddp_runs["root"].glob("logs-world2/**/edited_model")
+    keys = [sorted(safe_open(str(path / "model.safetensors"), "pt").keys()) for path in (saved, unsharded)]
+    assert keys[0] == keys[1]  # the tensors an unsharded save_pretrained writes (tied weights once)
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    (name,) = ddp_runs["single_module"].edited_parameter_names
+    torch.testing.assert_close(get_parameter(model, name).detach(), ddp_runs["single"]["weight"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path, strategy", [("configs/llama2-7b/rome-ddp.yaml", "DDPStrategy"),
+                                            ("configs/llama2-7b/rome-fsdp.yaml", "ModelParallelStrategy")])
+def test_multi_gpu_configs_parse_and_name_a_strategy_the_editor_accepts(path, strategy, repo_dir, monkeypatch,
+                                                                        capsys):
+    import yaml
+
+    from prune_lightning.cli import main
+
+    monkeypatch.chdir(repo_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", path, "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["strategy"]["class_path"] == f"lightning.pytorch.strategies.{strategy}"
+    assert config["trainer"]["devices"] == 8 and config["model"]["model"] == "meta-llama/Llama-2-7b-hf"
+    assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]] == \
+        ["PRUNECallback", "ConditionNumberMonitor"]

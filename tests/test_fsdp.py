@@ -45,14 +45,15 @@ def _edit_and_restrain(model, registry):
 
 
 def _fully_shard(model, world_size: int) -> None:
-    """FSDP2 over the ranks: every GPT-2 block a unit of its own, then the rest."""
+    """FSDP2 over the ranks, as SequentialEditor does it: every GPT-2 block a unit of its own, then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    from prune_lightning.models import decoder_layers, is_sharded_model, shard_model
+
+    assert decoder_layers(model) == list(model.transformer.h)
     mesh = init_device_mesh("cpu", (world_size,))
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    assert shard_model(model, mesh) and is_sharded_model(model)
+    assert not shard_model(model, mesh)  # a sharded model is left as it is
 
 
 def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
@@ -111,9 +112,17 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
         torch.testing.assert_close(result["local_shard"], full.chunk(world_size, dim=0)[rank], rtol=0, atol=1e-6)
 
 
-def _rome_worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
+def _editors() -> dict:
+    """ROME (one matrix, request after request) and MEMIT (two layers, one after the other), without statistics."""
+    from prune_lightning.editors import MEMIT, ROME
+
+    settings = dict(mom2_adjustment=False, v_num_grad_steps=5, context_templates=["{}", "The {}"])
+    return {"rome": lambda: ROME(layer=1, **settings),
+            "memit": lambda: MEMIT(layers=[0, 1], mom2_update_weight=10.0, **settings)}
+
+
+def _edit_worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
     from prune_lightning.data import EditRequest
-    from prune_lightning.editors import ROME
     from prune_lightning.models import load_causal_lm, load_tokenizer
     from prune_lightning.registry import full_weight
 
@@ -125,33 +134,82 @@ def _rome_worker(rank: int, world_size: int, init_file: str, model_dir: str, out
                                 case_id=i)
                     for i, (subject, new) in enumerate((("Danielle", "Rome"), ("Marco", "Oslo")))]
 
-        def edit(model):
-            editor = ROME(layer=1, mom2_adjustment=False, v_num_grad_steps=5, context_templates=["{}", "The {}"])
+        def edit(model, editor):
             editor.setup(model, tokenizer)
-            before = full_weight(model.get_parameter(NAME)).clone()
-            update = editor.compute_update(model, tokenizer, requests)[NAME]
-            after = full_weight(model.get_parameter(NAME)).clone()
-            return update.dense(), before, after
+            before = {name: full_weight(model.get_parameter(name)).clone() for name in editor.parameter_names(model)}
+            updates = editor.compute_update(model, tokenizer, requests)
+            after = {name: full_weight(model.get_parameter(name)).clone() for name in before}
+            return {name: update.dense() for name, update in updates.items()}, before, after
 
-        expected, _, _ = edit(load_causal_lm(model_dir))
-        model = load_causal_lm(model_dir)
-        _fully_shard(model, world_size)
-        got, before, after = edit(model)
-        torch.save({"expected": expected, "got": got, "before": before, "after": after},
-                   os.path.join(out_dir, f"rome{rank}.pt"))
+        results = {}
+        for label, make_editor in _editors().items():
+            expected, _, _ = edit(load_causal_lm(model_dir), make_editor())
+            model = load_causal_lm(model_dir)
+            _fully_shard(model, world_size)
+            got, before, after = edit(model, make_editor())
+            results[label] = {"expected": expected, "got": got, "before": before, "after": after}
+        torch.save(results, os.path.join(out_dir, f"edit{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_rome_on_a_sharded_model_gives_the_unsharded_update(tmp_path, tiny_model_dir):
-    """ROME gathers the edited matrix (and only it) for ``W k*`` and its writes within a batch, and restores shards."""
+def test_rome_and_memit_on_a_sharded_model_give_the_unsharded_updates(tmp_path, tiny_model_dir):
+    """The editors gather the edited matrices (and only them) for ``W k*`` and their writes within a batch (ROME:
+    request after request; MEMIT: layer after layer), and restore the shards."""
     if "gpt2" not in str(tiny_model_dir):
         pytest.skip("one architecture is enough for the sharding logic")
     world_size = 2
-    mp.spawn(_rome_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
+    mp.spawn(_edit_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
              nprocs=world_size, join=True)
     for rank in range(world_size):
-        result = torch.load(tmp_path / f"rome{rank}.pt")
-        assert float(result["expected"].abs().max()) > 1e-4, "the test needs ROME to change the matrix"
-        torch.testing.assert_close(result["got"], result["expected"], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(result["after"], result["before"], rtol=0, atol=0)
+        results = torch.load(tmp_path / f"edit{rank}.pt")
+        assert set(results) == {"rome", "memit"}
+        for label, result in results.items():
+            assert len(result["expected"]) == (2 if label == "memit" else 1)
+            for name, expected in result["expected"].items():
+                assert float(expected.abs().max()) > 1e-4, f"the test needs {label} to change {name}"
+                torch.testing.assert_close(result["got"][name], expected, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(result["after"][name], result["before"][name], rtol=0, atol=0)
+
+
+def _lockstep_worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
+    from prune_lightning.distributed import lockstep
+    from prune_lightning.generation import generate_batched
+    from prune_lightning.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        # Uneven work: rank 0 three prompts (three generate calls, batch size 1), rank 1 none.
+        prompts = ["The hometown of Danielle is", "Marco works in the city of", "Oslo is"] if rank == 0 else []
+        reference = load_causal_lm(model_dir)
+        expected = generate_batched(reference, tokenizer, prompts, max_new_tokens=3, batch_size=1)
+        model = load_causal_lm(model_dir)
+        _fully_shard(model, world_size)
+        got = generate_batched(model, tokenizer, prompts, max_new_tokens=3, batch_size=1)
+        # Plain forwards, nested lockstep (the inner one does nothing): rank 0 runs one, rank 1 two.
+        texts = ["Paris is"] if rank == 0 else ["Rome is", "Berlin is in"]
+        with lockstep(model), lockstep(model), torch.no_grad():
+            logits = [model(**tokenizer([text], return_tensors="pt")).logits for text in texts]
+        with torch.no_grad():
+            expected_logits = [reference(**tokenizer([text], return_tensors="pt")).logits for text in texts]
+        torch.save({"expected": expected, "got": got, "logits": logits, "expected_logits": expected_logits},
+                   os.path.join(out_dir, f"lockstep{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lockstep_pairs_the_forwards_of_ranks_with_uneven_work(tmp_path, tiny_model_dir):
+    """Under FSDP every forward is a collective: without lockstep, rank 0's second forward would wait forever."""
+    if "gpt2" not in str(tiny_model_dir):
+        pytest.skip("one architecture is enough for the sharding logic")
+    world_size = 2
+    mp.spawn(_lockstep_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
+             nprocs=world_size, join=True)
+    for rank in range(world_size):
+        result = torch.load(tmp_path / f"lockstep{rank}.pt")
+        assert result["got"] == result["expected"] and len(result["got"]) == (3 if rank == 0 else 0)
+        assert len(result["logits"]) == (1 if rank == 0 else 2)
+        for got, expected in zip(result["logits"], result["expected_logits"]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -90,8 +90,8 @@ class RestraintCallback(MatrixCallback):
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise NotImplementedError(
-                f"{type(self).__name__} does not support {strategy} yet: it needs the full edited matrices on every "
-                "rank."
+                f"{type(self).__name__} does not support {strategy}: its flattened parameter shards are not matrices. "
+                "Shard with FSDP2 (ModelParallelStrategy), whose sharded matrices it gathers, or use DDP."
             )
 
     @override

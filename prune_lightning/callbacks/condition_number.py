@@ -73,7 +73,8 @@ class ConditionNumberMonitor(MatrixCallback):
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise NotImplementedError(
-                f"ConditionNumberMonitor does not support {strategy} yet: it needs the full matrices on every rank."
+                f"ConditionNumberMonitor does not support {strategy}: its flattened parameter shards are not matrices. "
+                "Shard with FSDP2 (ModelParallelStrategy), whose sharded matrices it gathers, or use DDP."
             )
         run_after_restraints(trainer, self)
 

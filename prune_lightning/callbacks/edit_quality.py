@@ -164,10 +164,9 @@ class EditQualityEvaluator(Callback):
         model, tokenizer = find_language_model(pl_module, type(self).__name__)
         device = next(model.parameters()).device
         metrics = _fresh_metrics(device)
-        shard = self._shard(trainer, requests)
-        if shard:
-            update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, shard,
-                                batch_size=self.batch_size)
+        # Called also with an empty shard: on a sharded model every rank joins the forwards (distributed.lockstep).
+        update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, self._shard(trainer, requests),
+                            batch_size=self.batch_size)
         kinds = [kind for kind in _KINDS if any(_kind(r) == kind for r in requests)]  # the same on every rank
         names = {kind: list(metrics[kind].metric_state) for kind in kinds}
         values = [metrics[kind].metric_state[name].to(device, torch.float64) for kind in kinds for name in names[kind]]
@@ -187,10 +186,9 @@ class EditQualityEvaluator(Callback):
         device = next(model.parameters()).device
         step = trainer.global_step
         metrics = _fresh_metrics(device)
+        # Called also with an empty shard: on a sharded model every rank joins the forwards (distributed.lockstep).
         shard = self._shard(trainer, self.requests)
-        if shard:
-            update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, shard,
-                                batch_size=self.batch_size)
+        update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, shard, batch_size=self.batch_size)
         kinds = {_kind(r) for r in self.requests}
         values: dict[str, float] = {}
         for kind in _KINDS:

@@ -196,10 +196,11 @@ class GeneralAbilityEvaluator(Callback):
             spec = get_task(task.name)
             shard = self._examples[task.name][rank::world_size]
             metric = spec.make_metric().to(device)
+            # generate_batched keeps a sharded model's forwards paired across ranks, also for an empty shard.
+            generations = generate_batched(
+                model, tokenizer, [e.prompt for e in shard], spec.max_new_tokens, batch_size=self.batch_size
+            )
             if shard:
-                generations = generate_batched(
-                    model, tokenizer, [e.prompt for e in shard], spec.max_new_tokens, batch_size=self.batch_size
-                )
                 metric.update([spec.prediction(g) for g in generations], [list(e.references) for e in shard])
             value = float(_compute(metric))  # every rank calls compute: the states are summed across ranks
             metrics[f"general/{task.name}/{spec.metric}"] = value

@@ -27,7 +27,8 @@ order (see :mod:`prune_lightning.distributed`). Lightning replaces the sampler o
 here therefore are ``DistributedSampler`` subclasses by type - which keeps Lightning away whatever
 ``Trainer(use_distributed_sampler=...)`` says - and decide the indices themselves: the train loader gives every rank
 the whole stream (and resumes as above); the validate / test loaders give each rank its shard of the requests
-(``rank::world_size``, never padded with repeats, so the summed edit-quality metrics count every request once).
+(``rank::world_size``, never padded with repeats, so the summed edit-quality metrics count every request once;
+the shorter shards end in empty padding, so that every rank runs as many evaluation steps).
 
 The datamodule's own ``state_dict`` holds a fingerprint of the stream (source, format, offset, limit, batch size,
 number of requests and a digest of their content); resuming with a different stream is refused.
@@ -36,9 +37,10 @@ number of requests and a digest of their content); resuming with a different str
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
@@ -77,13 +79,27 @@ def read_requests(
     raise ValueError(f"Unknown request format {format!r}; expected one of {FORMATS}")
 
 
-def _collate(batch: list[EditRequest]) -> list[EditRequest]:
-    """One batch is one edit batch: the requests themselves, in order."""
-    return list(batch)
+def _collate(batch: list[Optional[EditRequest]]) -> list[EditRequest]:
+    """One batch is one edit batch: the requests themselves, in order (an evaluation shard's padding left out)."""
+    return [request for request in batch if request is not None]
+
+
+class _PaddedRequests(Sequence):
+    """The requests, and ``None`` for any index past them: the padding of an evaluation shard."""
+
+    def __init__(self, requests: Sequence[EditRequest]) -> None:
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, index: int) -> Optional[EditRequest]:
+        return self.requests[index] if index < len(self.requests) else None
 
 
 class _OrderedSampler(DistributedSampler):
-    """Indices in order, never shuffled nor padded: ``rank, rank + world_size, ...`` of ``0 .. n - 1``.
+    """Indices in order, never shuffled: ``rank, rank + world_size, ...`` of ``0 .. n - 1``; with ``pad``, followed by
+    the index ``n`` (past the end) until every rank has ``ceil(n / world_size)``.
 
     A ``DistributedSampler`` by type only, so that Lightning does not put one of its own in its place (it leaves
     loaders whose sampler is one alone); the constructor of ``DistributedSampler`` - which asks
@@ -93,9 +109,10 @@ class _OrderedSampler(DistributedSampler):
         num_items: Length of the dataset.
         rank: This rank's shard (``0`` with ``world_size=1``: everything).
         world_size: Number of shards.
+        pad: Give every rank as many indices.
     """
 
-    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1, pad: bool = False) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.num_items = num_items
@@ -105,14 +122,18 @@ class _OrderedSampler(DistributedSampler):
         self.drop_last = False
         self.seed = 0
         self.epoch = 0
-        self.num_samples = len(range(rank, num_items, world_size))
+        self.pad = pad
+        own = len(range(rank, num_items, world_size))
+        self.num_samples = -(-num_items // world_size) if pad else own
         self.total_size = num_items
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_items, self.num_replicas))
+        own = range(self.rank, self.num_items, self.num_replicas)
+        # Padding: indices past the end (``_PaddedRequests`` gives None for them, ``_collate`` drops them).
+        return itertools.chain(own, itertools.repeat(self.num_items, self.num_samples - len(own)))
 
 
 class _ResumableSampler(_OrderedSampler):
@@ -280,9 +301,12 @@ class EditDataModule(LightningDataModule):
     def _eval_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = _OrderedSampler(len(self.requests), rank=rank, world_size=world_size)
+        # Every rank gets as many batches (the shorter shards end in padding, dropped by the collate function): the
+        # loop runs on every rank, also one without a request, so the scores' sums across ranks meet, and on a
+        # sharded model every rank runs its forwards alongside the others'.
+        sampler = _OrderedSampler(len(self.requests), rank=rank, world_size=world_size, pad=True)
         return DataLoader(
-            self.requests, batch_size=self.batch_size, sampler=sampler, collate_fn=_collate,
+            _PaddedRequests(self.requests), batch_size=self.batch_size, sampler=sampler, collate_fn=_collate,
             num_workers=self.num_workers,
         )
 

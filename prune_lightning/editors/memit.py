@@ -60,8 +60,8 @@ from torch import nn
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.editors.rome import ROME, _hidden_size, _hooks, _prepared
 from prune_lightning.editors.stats import _model_device, _pad_id, pad_right, second_moment, second_moments
-from prune_lightning.models import (get_module, is_transposed, layer_template, linear_weight_names, mlp_out_template,
-                                    rank_one_in_layout)
+from prune_lightning.models import (full_weight, get_module, is_transposed, layer_template, linear_weight_names,
+                                    mlp_out_template, rank_one_in_layout, write_weight)
 
 __all__ = ["MEMIT", "MEMIT_PRESETS", "MEMITTrace", "MEMITLayerTrace"]
 
@@ -334,7 +334,8 @@ class MEMIT(Editor):
 
         # 2. Layer by layer, each seeing the updates below it.
         modules = {layer: get_module(model, self._module_name(model, layer)) for layer in self.layers}
-        originals = {layer: module.weight.detach().clone() for layer, module in modules.items()}
+        # A sharded (FSDP2) weight is gathered - the edited matrices only - and written back shard by shard.
+        originals = {layer: full_weight(module.weight).clone() for layer, module in modules.items()}
         updates: dict[str, Update] = {}
         layer_traces: list[MEMITLayerTrace] = []
         try:
@@ -364,12 +365,10 @@ class MEMIT(Editor):
                     )
                 )
                 if j < len(self.layers) - 1:  # the layers above see this one's update
-                    with torch.no_grad():
-                        weight.add_((left @ right.T).to(weight.dtype))
+                    write_weight(weight, full_weight(weight).float() + (left @ right.T).float())
         finally:
-            with torch.no_grad():
-                for layer, module in modules.items():
-                    module.weight.copy_(originals[layer])
+            for layer, module in modules.items():
+                write_weight(module.weight, originals[layer])
 
         self.last_trace = [
             MEMITTrace(case_id=case_id, delta=delta.detach().cpu(), target=target.detach().cpu(),
