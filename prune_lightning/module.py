@@ -182,8 +182,12 @@ class SequentialEditor(LightningModule):
         return list(self.editor.parameter_names(self.model))
 
     @override
-    def configure_optimizers(self) -> None:
-        # No optimizer: the mock optimizer's step() advances global_step once per edit batch.
+    def configure_optimizers(self) -> Optional[torch.optim.Optimizer]:
+        # No optimizer: the mock optimizer's step() advances global_step once per edit batch. ModelParallelStrategy
+        # checkpoints its optimizers with torch's get_optimizer_state_dict, which needs a real one: there it gets
+        # one whose step() does nothing.
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return _NoUpdates([next(self.model.parameters())])
         return None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -375,6 +379,26 @@ def _check_strategy(trainer: Trainer) -> str:
         f"SequentialEditor runs on {trainer.world_size} processes only under a DDPStrategy ('ddp', 'ddp_spawn', "
         f"...: a whole replica of the model on every rank) or ModelParallelStrategy (FSDP2 shards); got {name}."
     )
+
+
+class _NoUpdates(torch.optim.SGD):
+    """An optimizer that changes nothing: edits are closed-form writes. Its ``step()`` advances ``global_step``
+    (as the mock optimizer's does) and counts itself in its state - a state Lightning's sharded checkpoints can save
+    and load (an empty one they cannot load)."""
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        super().__init__(params, lr=0.0)
+        for group in self.param_groups:
+            for param in group["params"]:
+                # One dimension, on the parameter's device: torch's loader of a whole (rank-0) optimizer state
+                # broadcasts its tensors from there and finds the device by the non-scalar ones.
+                self.state[param]["step"] = torch.zeros(1, dtype=torch.float32, device=param.device)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for state in self.state.values():
+            state["step"] += 1
+        return None
 
 
 def _workers_end_with_run(trainer: Trainer) -> bool:

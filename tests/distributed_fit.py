@@ -5,7 +5,8 @@ Each rank saves what the tests compare (its edited matrix, put together when sha
 in ``on_fit_end``: ``ddp_spawn`` copies only the weights back to the parent, and an FSDP run is launched by
 ``torchrun`` in processes of its own, with this file as the script::
 
-    torchrun --nproc_per_node 2 tests/distributed_fit.py ROOT REQUESTS CORPUS
+    torchrun --nproc_per_node 2 tests/distributed_fit.py ROOT REQUESTS CORPUS           # one fit
+    torchrun --nproc_per_node 2 tests/distributed_fit.py ROOT REQUESTS CORPUS resume    # 3 edits, then resumed
 """
 
 import json
@@ -15,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from prune_lightning import EditDataModule, SequentialEditor
@@ -79,8 +80,10 @@ def write_tasks(root: Path) -> list[TaskConfig]:
 
 
 def fit(devices: int, root: Path, requests_file: Path, tasks: list, corpus: str, strategy: Any = None,
-        label: Optional[str] = None, probe: Optional[Any] = None) -> SequentialEditor:
-    """One fit of ``N_EDITS`` requests; logs into ``root/logs-<label>``, results into ``root/<label>-rank<r>.pt``."""
+        label: Optional[str] = None, probe: Optional[Any] = None, max_steps: int = -1,
+        checkpoint_dir: Optional[Path] = None, ckpt_path: Optional[Path] = None) -> SequentialEditor:
+    """One fit of the ``N_EDITS`` requests (or the first ``max_steps``); logs into ``root/logs-<label>``, results into
+    ``root/<label>-rank<r>.pt``; with ``checkpoint_dir``, a checkpoint after every edit (``last.ckpt`` the latest)."""
     from prune_lightning.cli import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
@@ -90,11 +93,14 @@ def fit(devices: int, root: Path, requests_file: Path, tasks: list, corpus: str,
     callbacks = [PRUNECallback(alpha=ALPHA, mode="online"), ConditionNumberMonitor(),
                  GeneralAbilityEvaluator(tasks=tasks, every_n_edits=5, batch_size=2),
                  EditQualityEvaluator(every_n_edits=5, batch_size=8), SaveResults(str(root), label, probe)]
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=1, save_last=True))
     trainer = Trainer(**{**TRAINER_DEFAULTS, "accelerator": "cpu", "devices": devices,
                          **({"strategy": strategy} if strategy is not None else {}),
                          "default_root_dir": root, "logger": CSVLogger(root, name=f"logs-{label}"),
-                         "enable_progress_bar": False, "enable_checkpointing": False, "callbacks": callbacks})
-    trainer.fit(module, datamodule=EditDataModule(source=str(requests_file)))
+                         "max_steps": max_steps, "enable_progress_bar": False,
+                         "enable_checkpointing": checkpoint_dir is not None, "callbacks": callbacks})
+    trainer.fit(module, datamodule=EditDataModule(source=str(requests_file)), ckpt_path=ckpt_path)
     return module
 
 
@@ -104,9 +110,16 @@ if __name__ == "__main__":  # one rank of the FSDP2 run, started by torchrun
 
     torch.set_num_threads(1)
     out_root, requests_path, corpus_path = (Path(arg) for arg in sys.argv[1:4])
+    tasks = write_tasks(out_root)
     try:
-        fit(2, out_root, requests_path, write_tasks(out_root), str(corpus_path), strategy=ModelParallelStrategy(),
-            label="fsdp")
+        if sys.argv[4:] == ["resume"]:  # 3 edits with a checkpoint after each, then a new fit resumed from the last
+            checkpoints = out_root / "fsdp-checkpoints"
+            for label, steps, ckpt_path in (("fsdp-first", 3, None), ("fsdp-resumed", -1, checkpoints / "last.ckpt")):
+                strategy = ModelParallelStrategy(save_distributed_checkpoint=False)  # the shipped config's
+                fit(2, out_root, requests_path, tasks, str(corpus_path), strategy=strategy, label=label,
+                    max_steps=steps, checkpoint_dir=checkpoints, ckpt_path=ckpt_path)
+        else:
+            fit(2, out_root, requests_path, tasks, str(corpus_path), strategy=ModelParallelStrategy(), label="fsdp")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

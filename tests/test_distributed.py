@@ -239,19 +239,22 @@ def test_deepspeed_and_fsdp1_are_refused_ddp_and_model_parallel_accepted():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(ddp_runs, tiny_corpus, repo_dir):
+def _torchrun_fit(root: Path, corpus: Path, repo_dir: Path, *extra: str) -> None:
     """``torchrun`` (standalone, 2 CPU processes, gloo) runs ``tests/distributed_fit.py`` with ModelParallelStrategy:
     Lightning's launcher for it re-runs the script, which under pytest would be pytest itself."""
-    root = ddp_runs["root"]
     tests_dir = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tests_dir / "distributed_fit.py"), str(root), str(root / "cf.json"), str(tiny_corpus)]
+               str(tests_dir / "distributed_fit.py"), str(root), str(root / "cf.json"), str(corpus), *extra]
     result = subprocess.run(command, cwd=repo_dir, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(root / f"fsdp-rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(ddp_runs, tiny_corpus, repo_dir):
+    _torchrun_fit(ddp_runs["root"], tiny_corpus, repo_dir)
+    return [torch.load(ddp_runs["root"] / f"fsdp-rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def test_fsdp_ranks_hold_shards_and_end_with_the_single_process_weights(ddp_runs, fsdp_run):
@@ -270,6 +273,22 @@ def test_fsdp_scores_and_spectra_equal_the_single_process_ones(ddp_runs, fsdp_ru
     """The evaluators shard odd numbers of examples across the ranks: distributed.lockstep keeps the sharded
     model's forwards paired (without it the run would hang)."""
     _assert_same_histories(ddp_runs["single"], fsdp_run)
+
+
+def test_fsdp_checkpoint_resumes_to_the_single_process_weights(ddp_runs, tiny_corpus, repo_dir):
+    """A sharded run checkpoints (whole matrices, rank 0's file: the shipped config's setting) after each of 3 edits;
+    a new run resumed from the last one edits the other 7 and ends where the uninterrupted runs end."""
+    root = ddp_runs["root"]
+    _torchrun_fit(root, tiny_corpus, repo_dir, "resume")
+    first = [torch.load(root / f"fsdp-first-rank{r}.pt", weights_only=True) for r in range(2)]
+    resumed = [torch.load(root / f"fsdp-resumed-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(out["global_step"] == 3 for out in first)
+    assert (root / "fsdp-checkpoints" / "last.ckpt").is_file()
+    single = ddp_runs["single"]
+    _assert_same_weights(single, resumed)  # requests_edited == N_EDITS: the count came back from the checkpoint
+    for out in resumed:  # PRUNE's and the monitor's histories came back too, and went on
+        assert [h["step"] for h in out["prune"]] == [h["step"] for h in single["prune"]]
+        assert [h["step"] for h in out["condition"]] == [h["step"] for h in single["condition"]]
 
 
 def test_fsdp_rank_zero_saves_the_whole_edited_model(ddp_runs, fsdp_run):
