@@ -22,7 +22,14 @@ which refuses a module without a trainable parameter and would otherwise allocat
 model; the model's parameters are therefore frozen for the fit (editors enable what they differentiate themselves)
 and the module gets a one-element ``ddp_anchor`` parameter, which is never used, never saved and never loaded.
 Under ``ddp_spawn`` the process group is destroyed when the worker's run ends (STACK.md: otherwise exit code 134 now
-and then); with ``strategy="ddp"`` the caller does it (``prune-edit`` does). DeepSpeed and FSDP are refused.
+and then); with ``strategy="ddp"`` the caller does it (``prune-edit`` does).
+
+A sharded model (``ModelParallelStrategy``, FSDP2): :meth:`SequentialEditor.configure_model` shards it, one unit per
+decoder layer. Every rank still edits every request in order; the editor gathers only the matrices it writes, and
+runs its whole optimisation on every rank (each forward of a sharded model is a collective, so the rows are not
+split); the updates are broadcast from rank 0 and the registry writes each rank's shard. The model is not frozen
+(there is no ``DistributedDataParallel`` wrapper), and the module hands Lightning an optimizer that changes nothing,
+because the strategy's checkpoints need a real one. DeepSpeed and Lightning's ``FSDPStrategy`` (FSDP1) are refused.
 """
 
 from __future__ import annotations
