@@ -119,7 +119,13 @@ if __name__ == "__main__":  # one rank of the FSDP2 run, started by torchrun
                 fit(2, out_root, requests_path, tasks, str(corpus_path), strategy=strategy, label=label,
                     max_steps=steps, checkpoint_dir=checkpoints, ckpt_path=ckpt_path)
         else:
-            fit(2, out_root, requests_path, tasks, str(corpus_path), strategy=ModelParallelStrategy(), label="fsdp")
+            module = fit(2, out_root, requests_path, tasks, str(corpus_path), strategy=ModelParallelStrategy(),
+                         label="fsdp")
+            # validate on the edited, still sharded model: every rank scores its shard of the requests
+            trainer = Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), logger=False,
+                              enable_progress_bar=False, default_root_dir=out_root)
+            scores = trainer.validate(module, datamodule=EditDataModule(source=str(requests_path)), verbose=False)
+            torch.save(scores, out_root / f"fsdp-validate-rank{trainer.global_rank}.pt")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -291,6 +291,22 @@ def test_fsdp_checkpoint_resumes_to_the_single_process_weights(ddp_runs, tiny_co
         assert [h["step"] for h in out["condition"]] == [h["step"] for h in single["condition"]]
 
 
+def test_fsdp_validate_scores_the_requests_as_one_process_does(ddp_runs, fsdp_run, tmp_path):
+    """``validate`` on the sharded model: each rank a shard of the 10 requests, in as many batches, summed."""
+    from lightning.pytorch import Trainer
+
+    module = ddp_runs["single_module"]
+    data = EditDataModule(source=str(ddp_runs["root"] / "cf.json"))
+    (expected,) = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          default_root_dir=tmp_path).validate(module, datamodule=data, verbose=False)
+    assert expected["val/counterfact/efficacy"] > 0.5  # the edits took
+    for rank in range(2):
+        (got,) = torch.load(ddp_runs["root"] / f"fsdp-validate-rank{rank}.pt", weights_only=True)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-5), key
+
+
 def test_fsdp_rank_zero_saves_the_whole_edited_model(ddp_runs, fsdp_run):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
