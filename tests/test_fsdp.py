@@ -15,6 +15,17 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 NAME = "transformer.h.1.mlp.c_proj.weight"
 ALPHA = 100.0
+WORLD_SIZE = 2
+
+
+def _on_two_ranks(worker, tmp_path, tiny_model_dir, prefix: str) -> list:
+    """Runs ``worker(rank, world_size, init_file, model_dir, out_dir)`` on 2 processes (gloo) and returns what each
+    rank saved as ``<prefix><rank>.pt``. One architecture (GPT-2) is enough for the sharding logic."""
+    if "gpt2" not in str(tiny_model_dir):
+        pytest.skip("one architecture is enough for the sharding logic")
+    mp.spawn(worker, args=(WORLD_SIZE, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
+             nprocs=WORLD_SIZE, join=True)
+    return [torch.load(tmp_path / f"{prefix}{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
 def _updates(shape, n=4, seed=0):
@@ -88,12 +99,7 @@ def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir:
 
 
 def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path, tiny_model_dir):
-    if "gpt2" not in str(tiny_model_dir):
-        pytest.skip("one architecture is enough for the sharding logic")
-    world_size = 2
-    mp.spawn(_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
-             nprocs=world_size, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    results = _on_two_ranks(_worker, tmp_path, tiny_model_dir, "rank")
     for result in results:
         expected, got = result["expected"], result["got"]
         assert float(expected["restrained"]) >= 1, "the test needs PRUNE to restrain something"
@@ -109,7 +115,7 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
     full = results[0]["expected_weight"]
     for rank, result in enumerate(results):
         assert result["local_shard"].shape[0] < full.shape[0]
-        torch.testing.assert_close(result["local_shard"], full.chunk(world_size, dim=0)[rank], rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["local_shard"], full.chunk(WORLD_SIZE, dim=0)[rank], rtol=0, atol=1e-6)
 
 
 def _editors() -> dict:
@@ -156,13 +162,7 @@ def _edit_worker(rank: int, world_size: int, init_file: str, model_dir: str, out
 def test_rome_and_memit_on_a_sharded_model_give_the_unsharded_updates(tmp_path, tiny_model_dir):
     """The editors gather the edited matrices (and only them) for ``W k*`` and their writes within a batch (ROME:
     request after request; MEMIT: layer after layer), and restore the shards."""
-    if "gpt2" not in str(tiny_model_dir):
-        pytest.skip("one architecture is enough for the sharding logic")
-    world_size = 2
-    mp.spawn(_edit_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
-             nprocs=world_size, join=True)
-    for rank in range(world_size):
-        results = torch.load(tmp_path / f"edit{rank}.pt")
+    for results in _on_two_ranks(_edit_worker, tmp_path, tiny_model_dir, "edit"):
         assert set(results) == {"rome", "memit"}
         for label, result in results.items():
             assert len(result["expected"]) == (2 if label == "memit" else 1)
@@ -202,13 +202,7 @@ def _lockstep_worker(rank: int, world_size: int, init_file: str, model_dir: str,
 
 def test_lockstep_pairs_the_forwards_of_ranks_with_uneven_work(tmp_path, tiny_model_dir):
     """Under FSDP every forward is a collective: without lockstep, rank 0's second forward would wait forever."""
-    if "gpt2" not in str(tiny_model_dir):
-        pytest.skip("one architecture is enough for the sharding logic")
-    world_size = 2
-    mp.spawn(_lockstep_worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
-             nprocs=world_size, join=True)
-    for rank in range(world_size):
-        result = torch.load(tmp_path / f"lockstep{rank}.pt")
+    for rank, result in enumerate(_on_two_ranks(_lockstep_worker, tmp_path, tiny_model_dir, "lockstep")):
         assert result["got"] == result["expected"] and len(result["got"]) == (3 if rank == 0 else 0)
         assert len(result["logits"]) == (1 if rank == 0 else 2)
         for got, expected in zip(result["logits"], result["expected_logits"]):
