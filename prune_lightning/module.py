@@ -130,6 +130,11 @@ class SequentialEditor(LightningModule):
             else:  # sharded: the parameters stay as they are (no DistributedDataParallel wrapper)
                 self._replicated = distributed.is_distributed()
                 self._split_rows = False
+        if self._trainer is not None and not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # The editor's set-up (second moments, generated templates) and the W_0 copies are made where the edits
+            # run: Lightning would move the model there only after this hook. (A model to be sharded stays where it
+            # is until configure_model has sharded it.)
+            self.model.to(self.trainer.strategy.root_device)
         self.prepare_editor()
 
     @override

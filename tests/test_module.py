@@ -101,3 +101,16 @@ def test_updates_outside_parameter_names_are_refused(tiny_model_dir, rome_factor
     data.setup("fit")
     with pytest.raises(RuntimeError, match="not among its parameter_names"):
         module.apply_edit(data.requests)
+
+
+def test_editor_set_up_and_w0_happen_on_the_strategy_device(monkeypatch):
+    """Lightning moves the model to its device only after ``setup``; the editor's statistics, templates and the W_0
+    copies must not be made on the CPU copy of a model that edits on a GPU (``meta`` stands in for one here)."""
+    from types import SimpleNamespace
+
+    module = SequentialEditor(model="tiny:gpt2", save_edited_model=False, verbose=False)
+    seen = []
+    monkeypatch.setattr(module, "prepare_editor", lambda: seen.append(next(module.model.parameters()).device))
+    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("meta")))
+    module.setup("fit")
+    assert seen == [torch.device("meta")]
