@@ -1,11 +1,13 @@
-r"""Sequential ROME editing on one and on two processes (DDP): edits per second, and the weights they end with.
+r"""Sequential ROME editing on one and on two processes (DDP, FSDP2): edits per second, and the weights they end with.
 
 Sequential editing cannot be data-parallel (each edit is computed on the model the previous ones made), so under DDP
 every rank edits every request and what is spread is the work inside one edit: ROME's context-template rows (see
 :mod:`prune_lightning.distributed`). This script runs the same edits of the same tiny model side by side:
 
 - **edits**: ``--edits`` ROME edits (PRUNE online and the condition-number monitor attached, as in a real run) on one
-  process and on two (``strategy="ddp_spawn"``, gloo on the CPU). The time is taken inside the fit, from
+  process, on two with DDP (``strategy="ddp_spawn"``, gloo on the CPU) and on two with the model sharded (FSDP2,
+  ``ModelParallelStrategy``, started with ``torchrun``; there ROME's rows are not split, every rank runs the whole
+  optimisation, so the row shows what sharding costs, not a speed-up). The time is taken inside the fit, from
   ``on_train_start`` to ``on_train_end`` (the processes' start-up is reported apart). Each rank saves its edited
   matrix; the table gives the largest absolute difference to the single-process matrix and between the ranks.
   ROME runs with the paper's 20 generated context templates (plus the plain prompt and the KL prompt: 22 rows to
@@ -35,6 +37,7 @@ import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,17 +111,20 @@ class _Recorder(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         seconds = time.perf_counter() - self.start
         (name,) = pl_module.edited_parameter_names
-        from prune_lightning.models import get_parameter
+        from prune_lightning.models import full_weight, get_parameter
 
-        weight = get_parameter(pl_module.model, name).detach().cpu().clone()
+        weight = full_weight(get_parameter(pl_module.model, name)).cpu().clone()  # sharded: gathered
+        label = "fsdp" if type(trainer.strategy).__name__ == "ModelParallelStrategy" else f"world{trainer.world_size}"
         torch.save({"seconds": seconds, "edits": int(pl_module.requests_edited), "weight": weight,
                     "threads": torch.get_num_threads()},
-                   Path(self.out_dir) / f"world{trainer.world_size}-rank{trainer.global_rank}.pt")
+                   Path(self.out_dir) / f"{label}-rank{trainer.global_rank}.pt")
 
 
-def _edit_run(processes: int, args: argparse.Namespace, requests: Path, out_dir: Path) -> float:
-    """One fit; returns its wall time including the start-up of its processes."""
+def _edit_run(mode: str, args: argparse.Namespace, requests: Path, out_dir: Path) -> float:
+    """One fit (``mode``: ``"1"`` one process, ``"ddp"`` two with ddp_spawn, ``"fsdp"`` this rank of two with the
+    model sharded, under torchrun); returns its wall time including the start-up of its processes."""
     from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from prune_lightning import EditDataModule, SequentialEditor
     from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback
@@ -129,8 +135,9 @@ def _edit_run(processes: int, args: argparse.Namespace, requests: Path, out_dir:
                   mom2_corpus=str(REPO / "configs/data/tiny-corpus.txt"), mom2_n_samples=200,
                   context_template_lengths=((5, 10), (10, 10)))
     module = SequentialEditor(model=args.model, editor=editor, save_edited_model=False, verbose=False)
-    trainer = Trainer(**{**TRAINER_DEFAULTS, "accelerator": "cpu", "devices": processes,
-                         "strategy": "ddp_spawn" if processes > 1 else "auto", "default_root_dir": str(out_dir),
+    strategy = {"1": "auto", "ddp": "ddp_spawn", "fsdp": ModelParallelStrategy()}[mode]
+    trainer = Trainer(**{**TRAINER_DEFAULTS, "accelerator": "cpu", "devices": 1 if mode == "1" else 2,
+                         "strategy": strategy, "default_root_dir": str(out_dir),
                          "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
                          "callbacks": [PRUNECallback(alpha=1e4), ConditionNumberMonitor(), _Recorder(str(out_dir))]})
     start = time.perf_counter()
@@ -148,17 +155,25 @@ def run_edits(args: argparse.Namespace) -> list[str]:
         out = Path(tmp)
         requests = write_requests(out / "requests.json", args.edits)
         runs = {}
-        for processes in (1, 2):
+        for mode, label, processes in (("1", "1", 1), ("ddp", "2, DDP", 2), ("fsdp", "2, FSDP2", 2)):
             torch.set_num_threads(args.single_threads if processes == 1 else max(1, cores // processes))
-            _log(f"edits: {args.edits} ROME edits on {processes} process(es) ...")
-            wall = _edit_run(processes, args, requests, out)
-            ranks = [torch.load(out / f"world{processes}-rank{r}.pt") for r in range(processes)]
-            runs[processes] = {"wall": wall, "ranks": ranks}
-            _log(f"edits: {processes} process(es): {max(r['seconds'] for r in ranks):.1f} s editing, "
-                 f"{wall:.1f} s wall")
+            _log(f"edits: {args.edits} ROME edits, {label} process(es) ...")
+            if mode == "fsdp":  # Lightning's launcher for ModelParallelStrategy re-runs the script: use torchrun
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                "2", __file__, "--fsdp-worker", str(out), "--edits", str(args.edits), "--steps",
+                                str(args.steps), "--model", args.model], check=True,
+                               env={**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes))})
+                wall = time.perf_counter() - start
+            else:
+                wall = _edit_run(mode, args, requests, out)
+            prefix = "fsdp" if mode == "fsdp" else f"world{processes}"
+            ranks = [torch.load(out / f"{prefix}-rank{r}.pt") for r in range(processes)]
+            runs[label] = {"wall": wall, "ranks": ranks}
+            _log(f"edits: {label}: {max(r['seconds'] for r in ranks):.1f} s editing, {wall:.1f} s wall")
         torch.set_num_threads(cores)
-    reference = runs[1]["ranks"][0]["weight"]
-    base = args.edits / runs[1]["ranks"][0]["seconds"]
+    reference = runs["1"]["ranks"][0]["weight"]
+    base = args.edits / runs["1"]["ranks"][0]["seconds"]
     lines = ["| processes | threads each | edits | editing s | edits/s | speed-up | wall s (with start-up) "
              "| max abs diff to 1 process | max abs diff between ranks |", "|---|---|---|---|---|---|---|---|---|"]
     for processes, run in runs.items():
@@ -309,7 +324,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads of the one-process run (the two-process run: cores / 2 each, as "
                              "ddp_spawn sets them); 1 by default - two threads on two cores that other work shares "
                              "spin badly (one such run here took 4.6x longer than the two-process run)")
+    parser.add_argument("--fsdp-worker", metavar="OUT_DIR", help=argparse.SUPPRESS)  # one torchrun rank
     args = parser.parse_args(argv)
+    if args.fsdp_worker:
+        out = Path(args.fsdp_worker)
+        try:
+            _edit_run("fsdp", args, out / "requests.json", out)
+        finally:
+            dist.destroy_process_group()
+        return 0
 
     from transformers.utils import logging as hf_logging
 
@@ -320,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{args.edits} sequential ROME edits of {args.model} (layer 1, {args.steps} Adam steps each, 22 rows: "
               "20 generated templates, the plain prompt, the KL prompt), PRUNE online and the condition-number "
               "monitor; editing s: on_train_start to on_train_end (the slower rank); wall s: the whole fit, process start-up "
-              "included. 2 processes: ddp_spawn, gloo.\n")
+              "included. 2 processes: ddp_spawn, or FSDP2 (ModelParallelStrategy, "
+              "torchrun: every rank runs the whole optimisation, the matrices sharded), gloo.\n")
     if args.part in ("sync", "all"):
         print("\n".join(run_sync(args)))
         print(f"\nPer write, one matrix, 2 processes (gloo), the slower rank, median of {args.repeats}. restrain: "
