@@ -6,8 +6,8 @@ every rank edits every request and what is spread is the work inside one edit: R
 
 - **edits**: ``--edits`` ROME edits (PRUNE online and the condition-number monitor attached, as in a real run) on one
   process, on two with DDP (``strategy="ddp_spawn"``, gloo on the CPU) and on two with the model sharded (FSDP2,
-  ``ModelParallelStrategy``, started with ``torchrun``; there ROME's rows are not split, every rank runs the whole
-  optimisation, so the row shows what sharding costs, not a speed-up). The time is taken inside the fit, from
+  ``ModelParallelStrategy``, started with ``torchrun``; ROME's rows split evenly, and every forward all-gathers
+  the layers' weights). The time is taken inside the fit, from
   ``on_train_start`` to ``on_train_end`` (the processes' start-up is reported apart). Each rank saves its edited
   matrix; the table gives the largest absolute difference to the single-process matrix and between the ranks.
   ROME runs with the paper's 20 generated context templates (plus the plain prompt and the KL prompt: 22 rows to
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
               "20 generated templates, the plain prompt, the KL prompt), PRUNE online and the condition-number "
               "monitor; editing s: on_train_start to on_train_end (the slower rank); wall s: the whole fit, process start-up "
               "included. 2 processes: ddp_spawn, or FSDP2 (ModelParallelStrategy, "
-              "torchrun: every rank runs the whole optimisation, the matrices sharded), gloo.\n")
+              "torchrun: the rows split evenly, the weights sharded), gloo.\n")
     if args.part in ("sync", "all"):
         print("\n".join(run_sync(args)))
         print(f"\nPer write, one matrix, 2 processes (gloo), the slower rank, median of {args.repeats}. restrain: "

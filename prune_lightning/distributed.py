@@ -17,10 +17,11 @@ data-parallel run in which every rank edits different requests therefore compute
   ranks.
 
 A sharded model (FSDP2, ``ModelParallelStrategy``) adds one rule: every forward is a collective (each layer
-all-gathers its weights), so all ranks must run the same number of forwards. Editing keeps it by doing the same
-work on every rank (ROME's rows are not split there); sharded evaluation keeps it with :func:`lockstep`, which pairs
-each rank's forwards with the other ranks' and lets a rank that has finished its shard run stand-in forwards until
-the others have finished theirs.
+all-gathers its weights), so all ranks must run the same number of forwards and backwards. Editing keeps it with an
+even split (``split_work(even=True)``): ROME's rows are dealt out as under DDP, and a rank with fewer rows pads its
+batch to as many with rows whose loss is not counted, so every rank runs the same forwards and backwards. Sharded
+evaluation keeps it with :func:`lockstep`, which pairs each rank's forwards with the other ranks' and lets a rank
+that has finished its shard run stand-in forwards until the others have finished theirs.
 
 Editors see the split through :func:`current_split`, which is the trivial one-process :class:`WorkSplit` except
 inside :func:`split_work` (``SequentialEditor`` enters it around ``editor.compute_update`` when it runs on several
@@ -181,11 +182,14 @@ class WorkSplit:
         rank: This process's rank in ``group``.
         world_size: Number of processes sharing the work.
         group: The ``torch.distributed`` process group (``None``: the default group).
+        even: Every rank runs as many rows (:meth:`padded_rows`), some of them padding: needed where each forward
+            and backward is a collective, as on a sharded (FSDP) model.
     """
 
     rank: int = 0
     world_size: int = 1
     group: Any = None
+    even: bool = False
 
     @property
     def active(self) -> bool:
@@ -195,6 +199,11 @@ class WorkSplit:
     def rows(self, n: int) -> list[int]:
         """This rank's rows of ``n``: ``rank, rank + world_size, ...`` (all of them on one process)."""
         return shard_indices(n, self.rank, self.world_size)
+
+    def padded_rows(self, n: int) -> int:
+        """How many rows of ``n`` this rank runs: its own (:meth:`rows`), and with ``even`` as many as the rank with
+        the most (``ceil(n / world_size)``), the difference being padding rows that add nothing to any result."""
+        return -(-n // self.world_size) if self.even else len(self.rows(n))
 
     def owner(self, index: int) -> int:
         """The rank that takes row ``index``."""
@@ -219,7 +228,7 @@ def current_split() -> WorkSplit:
 
 
 @contextlib.contextmanager
-def split_work(group: Any = None) -> Iterator[WorkSplit]:
+def split_work(group: Any = None, even: bool = False) -> Iterator[WorkSplit]:
     """Inside, :func:`current_split` spreads the work over the ranks of ``group`` (default: all processes).
 
     Every rank of the group must enter it around the same editor call with the same requests: the editor then runs
@@ -227,10 +236,11 @@ def split_work(group: Any = None) -> Iterator[WorkSplit]:
 
     Args:
         group: A ``torch.distributed`` process group, or ``None`` for the default group.
+        even: Every rank runs as many rows (a sharded model, whose forwards and backwards are collectives).
     """
     global _current
     previous = _current
-    _current = WorkSplit(rank(group), world_size(group), group) if is_distributed(group) else _ONE_PROCESS
+    _current = WorkSplit(rank(group), world_size(group), group, even) if is_distributed(group) else _ONE_PROCESS
     try:
         yield _current
     finally:

@@ -26,8 +26,8 @@ and then); with ``strategy="ddp"`` the caller does it (``prune-edit`` does).
 
 A sharded model (``ModelParallelStrategy``, FSDP2): :meth:`SequentialEditor.configure_model` shards it, one unit per
 decoder layer. Every rank still edits every request in order; the editor gathers only the matrices it writes, and
-runs its whole optimisation on every rank (each forward of a sharded model is a collective, so the rows are not
-split); the updates are broadcast from rank 0 and the registry writes each rank's shard. The model is not frozen
+splits its rows evenly (each forward and backward of a sharded model is a collective, so a rank with fewer rows pads
+its batch); the updates are broadcast from rank 0 and the registry writes each rank's shard. The model is not frozen
 (there is no ``DistributedDataParallel`` wrapper), and the module hands Lightning an optimizer that changes nothing,
 because the strategy's checkpoints need a real one. DeepSpeed and Lightning's ``FSDPStrategy`` (FSDP1) are refused.
 """
@@ -111,7 +111,8 @@ class SequentialEditor(LightningModule):
         self.automatic_optimization = False
         self._editor_ready = False
         self._replicated = False  # editing on several processes (set in setup)
-        self._split_rows = False  # the editor spreads the rows of its optimisation over the ranks (DDP)
+        self._split_rows = False  # the editor spreads the rows of its optimisation over the ranks
+        self._even_split = False  # ... padding them to as many on every rank (a sharded model)
         self._grad_flags: dict[nn.Parameter, bool] = {}
         self.register_state_dict_post_hook(_drop_ddp_anchor)
         self.register_load_state_dict_post_hook(_ignore_ddp_anchor)
@@ -128,8 +129,8 @@ class SequentialEditor(LightningModule):
             if _check_strategy(self.trainer) == "replicas":
                 self._prepare_replicas()
             else:  # sharded: the parameters stay as they are (no DistributedDataParallel wrapper)
-                self._replicated = distributed.is_distributed()
-                self._split_rows = False
+                self._replicated = self._split_rows = distributed.is_distributed()
+                self._even_split = True  # each forward and backward is a collective: as many rows on every rank
         if self._trainer is not None and not isinstance(self.trainer.strategy, ModelParallelStrategy):
             # The editor's set-up (second moments, generated templates) and the W_0 copies are made where the edits
             # run: Lightning would move the model there only after this hook. (A model to be sharded stays where it
@@ -174,7 +175,7 @@ class SequentialEditor(LightningModule):
         for param, flag in self._grad_flags.items():
             param.requires_grad_(flag)
         self._grad_flags = {}
-        self._replicated = self._split_rows = False
+        self._replicated = self._split_rows = self._even_split = False
         if self._trainer is not None and _workers_end_with_run(self.trainer) and dist.is_initialized():
             # ddp_spawn / ddp_fork: this worker process ends now. Destroying the group avoids the intermittent
             # "terminate called without an active exception" (exit 134) at exit (STACK.md).
@@ -225,7 +226,7 @@ class SequentialEditor(LightningModule):
     def apply_edit(self, requests: Sequence) -> dict[str, float]:
         """Computes the editor's updates for one batch, writes them and records them; returns metrics to log."""
         self.prepare_editor()
-        with distributed.split_work() if self._split_rows else contextlib.nullcontext():
+        with distributed.split_work(even=self._even_split) if self._split_rows else contextlib.nullcontext():
             updates = self.editor.compute_update(self.model, self.tokenizer, requests)
         unknown = [name for name in updates if name not in self.edit_registry]
         if unknown:

@@ -1,9 +1,10 @@
-"""Edited matrices sharded by FSDP2 (``fully_shard``), on CPU with gloo: 2 processes.
+"""Edited matrices sharded by FSDP2 (``fully_shard``), on CPU with gloo: 2 processes (3 for the even split).
 
 The registry gathers a sharded matrix once (``W_0``), writes each rank's shard of ``W_0 + dW``, and PRUNE and the
 condition numbers work on the replicated registry. Here they must give what they give on the unsharded model.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -18,14 +19,15 @@ ALPHA = 100.0
 WORLD_SIZE = 2
 
 
-def _on_two_ranks(worker, tmp_path, tiny_model_dir, prefix: str) -> list:
-    """Runs ``worker(rank, world_size, init_file, model_dir, out_dir)`` on 2 processes (gloo) and returns what each
-    rank saved as ``<prefix><rank>.pt``. One architecture (GPT-2) is enough for the sharding logic."""
+def _on_ranks(worker, tmp_path, tiny_model_dir, prefix: str, world_size: int = WORLD_SIZE) -> list:
+    """Runs ``worker(rank, world_size, init_file, model_dir, out_dir)`` on ``world_size`` processes (gloo) and
+    returns what each rank saved as ``<prefix><rank>.pt``. One architecture (GPT-2) is enough for the sharding logic."""
     if "gpt2" not in str(tiny_model_dir):
         pytest.skip("one architecture is enough for the sharding logic")
-    mp.spawn(worker, args=(WORLD_SIZE, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
-             nprocs=WORLD_SIZE, join=True)
-    return [torch.load(tmp_path / f"{prefix}{rank}.pt") for rank in range(WORLD_SIZE)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    mp.spawn(worker, args=(world_size, str(tmp_path / "init"), str(tiny_model_dir), str(tmp_path)),
+             nprocs=world_size, join=True)
+    return [torch.load(tmp_path / f"{prefix}{rank}.pt") for rank in range(world_size)]
 
 
 def _updates(shape, n=4, seed=0):
@@ -99,7 +101,7 @@ def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir:
 
 
 def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path, tiny_model_dir):
-    results = _on_two_ranks(_worker, tmp_path, tiny_model_dir, "rank")
+    results = _on_ranks(_worker, tmp_path, tiny_model_dir, "rank")
     for result in results:
         expected, got = result["expected"], result["got"]
         assert float(expected["restrained"]) >= 1, "the test needs PRUNE to restrain something"
@@ -118,17 +120,29 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
         torch.testing.assert_close(result["local_shard"], full.chunk(WORLD_SIZE, dim=0)[rank], rtol=0, atol=1e-6)
 
 
-def _editors() -> dict:
-    """ROME (one matrix, request after request) and MEMIT (two layers, one after the other), without statistics."""
+def _editors(world_size: int) -> dict:
+    """ROME (one matrix, request after request) and MEMIT (two layers, one after the other), without statistics.
+
+    On 2 ranks they run as an editor called directly does (every rank computes everything). On 3 ranks they run
+    inside an even split of their rows, as SequentialEditor runs them on a sharded model, with so few rows that
+    ranks pad: ROME with the plain template only (1 key row: ranks 1 and 2 pad; 2 value rows with the KL prompt:
+    rank 2 runs padding only), MEMIT with 2 templates (2 key rows: rank 2 pads).
+    """
     from prune_lightning.editors import MEMIT, ROME
 
-    settings = dict(mom2_adjustment=False, v_num_grad_steps=5, context_templates=["{}", "The {}"])
-    return {"rome": lambda: ROME(layer=1, **settings),
-            "memit": lambda: MEMIT(layers=[0, 1], mom2_update_weight=10.0, **settings)}
+    settings = dict(mom2_adjustment=False, v_num_grad_steps=5)
+    if world_size == 2:
+        two = ["{}", "The {}"]
+        return {"rome": lambda: ROME(layer=1, context_templates=two, **settings),
+                "memit": lambda: MEMIT(layers=[0, 1], mom2_update_weight=10.0, context_templates=two, **settings)}
+    return {"rome-split": lambda: ROME(layer=1, context_templates=["{}"], **settings),
+            "memit-split": lambda: MEMIT(layers=[0, 1], mom2_update_weight=10.0, context_templates=["{}", "The {}"],
+                                         **settings)}
 
 
 def _edit_worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir: str) -> None:
     from prune_lightning.data import EditRequest
+    from prune_lightning.distributed import split_work
     from prune_lightning.models import load_causal_lm, load_tokenizer
     from prune_lightning.registry import full_weight
 
@@ -140,19 +154,20 @@ def _edit_worker(rank: int, world_size: int, init_file: str, model_dir: str, out
                                 case_id=i)
                     for i, (subject, new) in enumerate((("Danielle", "Rome"), ("Marco", "Oslo")))]
 
-        def edit(model, editor):
+        def edit(model, editor, split=False):
             editor.setup(model, tokenizer)
             before = {name: full_weight(model.get_parameter(name)).clone() for name in editor.parameter_names(model)}
-            updates = editor.compute_update(model, tokenizer, requests)
+            with split_work(even=True) if split else contextlib.nullcontext():
+                updates = editor.compute_update(model, tokenizer, requests)
             after = {name: full_weight(model.get_parameter(name)).clone() for name in before}
             return {name: update.dense() for name, update in updates.items()}, before, after
 
         results = {}
-        for label, make_editor in _editors().items():
+        for label, make_editor in _editors(world_size).items():
             expected, _, _ = edit(load_causal_lm(model_dir), make_editor())
             model = load_causal_lm(model_dir)
             _fully_shard(model, world_size)
-            got, before, after = edit(model, make_editor())
+            got, before, after = edit(model, make_editor(), split=world_size > 2)
             results[label] = {"expected": expected, "got": got, "before": before, "after": after}
         torch.save(results, os.path.join(out_dir, f"edit{rank}.pt"))
     finally:
@@ -161,11 +176,14 @@ def _edit_worker(rank: int, world_size: int, init_file: str, model_dir: str, out
 
 def test_rome_and_memit_on_a_sharded_model_give_the_unsharded_updates(tmp_path, tiny_model_dir):
     """The editors gather the edited matrices (and only them) for ``W k*`` and their writes within a batch (ROME:
-    request after request; MEMIT: layer after layer), and restore the shards."""
-    for results in _on_two_ranks(_edit_worker, tmp_path, tiny_model_dir, "edit"):
-        assert set(results) == {"rome", "memit"}
-        for label, result in results.items():
-            assert len(result["expected"]) == (2 if label == "memit" else 1)
+    request after request; MEMIT: layer after layer), and restore the shards. With their rows split evenly over 3
+    ranks (padding rows included, one rank with nothing but padding) they still give the one-process updates."""
+    results = _on_ranks(_edit_worker, tmp_path / "whole", tiny_model_dir, "edit")
+    results += _on_ranks(_edit_worker, tmp_path / "split", tiny_model_dir, "edit", world_size=3)
+    assert [sorted(r) for r in results] == [["memit", "rome"]] * 2 + [["memit-split", "rome-split"]] * 3
+    for rank_results in results:
+        for label, result in rank_results.items():
+            assert len(result["expected"]) == (2 if label.startswith("memit") else 1)
             for name, expected in result["expected"].items():
                 assert float(expected.abs().max()) > 1e-4, f"the test needs {label} to change {name}"
                 torch.testing.assert_close(result["got"][name], expected, rtol=1e-4, atol=1e-5)
@@ -202,7 +220,7 @@ def _lockstep_worker(rank: int, world_size: int, init_file: str, model_dir: str,
 
 def test_lockstep_pairs_the_forwards_of_ranks_with_uneven_work(tmp_path, tiny_model_dir):
     """Under FSDP every forward is a collective: without lockstep, rank 0's second forward would wait forever."""
-    for rank, result in enumerate(_on_two_ranks(_lockstep_worker, tmp_path, tiny_model_dir, "lockstep")):
+    for rank, result in enumerate(_on_ranks(_lockstep_worker, tmp_path, tiny_model_dir, "lockstep")):
         assert result["got"] == result["expected"] and len(result["got"]) == (3 if rank == 0 else 0)
         assert len(result["logits"]) == (1 if rank == 0 else 2)
         for got, expected in zip(result["logits"], result["expected_logits"]):

@@ -42,9 +42,11 @@ next one sees it, the original weight is restored before returning, and the fact
 size). :meth:`ROME.compute_update` therefore leaves the model as it found it; the caller writes the returned
 :class:`~prune_lightning.editors.base.LowRankUpdate`.
 
-Several processes. Inside :func:`~prune_lightning.distributed.split_work` (``SequentialEditor`` under DDP) the rows of
-steps 1 and 2 - one per context template, plus the KL prompt - are spread over the ranks and their sums all-reduced, so
-every rank computes the same ``k*`` and ``delta`` as one process would (to float tolerance), with a share of the work.
+Several processes. Inside :func:`~prune_lightning.distributed.split_work` (``SequentialEditor`` on several processes)
+the rows of steps 1 and 2 - one per context template, plus the KL prompt - are spread over the ranks and their sums
+all-reduced, so every rank computes the same ``k*`` and ``delta`` as one process would (to float tolerance), with a
+share of the work. On a sharded model the split is even: a rank with fewer rows pads its batch with rows outside the
+loss, since every forward and backward there is a collective.
 
 Hyperparameters default to the paper's GPT-2 XL setting; :data:`ROME_PRESETS` and :meth:`ROME.preset` hold the
 published ones per model.
@@ -361,6 +363,10 @@ class ROME(Editor):
         split = current_split()
         n_templates = len(self.context_templates)
         templates = [self.context_templates[i] for i in split.rows(n_templates)]
+        n_mine = len(templates)
+        # An even split (sharded model): padding rows (the first template again) up to every rank's count; their
+        # keys are not summed.
+        templates += [self.context_templates[0]] * (split.padded_rows(n_templates) - n_mine)
         captured: dict[str, torch.Tensor] = {}
         if templates:
             variants = [self._encode(tokenizer, t, request.prompt, request.subject) for t in templates]
@@ -376,8 +382,8 @@ class ROME(Editor):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         if not split.active:
             return captured["keys"].float().mean(dim=0)
-        if templates:
-            total = captured["keys"].float().sum(dim=0)
+        if n_mine:
+            total = captured["keys"][:n_mine].float().sum(dim=0)
         else:  # more ranks than templates: this one only joins the sum
             total = torch.zeros(_input_dim(module), dtype=torch.float32, device=module.weight.device)
         return split.all_reduce_sum_(total) / n_templates
@@ -419,6 +425,12 @@ class ROME(Editor):
             seqs.append(kl_ids)
             lookup.append(kl_idx)
         owns_plain_prompt = bool(mine) and mine[0] == 0  # row 0: the "{}" template, where h is read
+        # An even split (sharded model): padding rows (the first template, teacher-forced) up to every rank's
+        # count, outside the loss; every rank then runs the same forward and backward.
+        padding_ids, padding_idx = self._encode(tokenizer, self.context_templates[0], request.prompt, request.subject)
+        for _ in range(split.padded_rows(n_rewrite + 1) - len(seqs)):
+            seqs.append(padding_ids + target_ids[:-1])
+            lookup.append(padding_idx)
 
         if seqs:
             input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), device)
@@ -501,6 +513,9 @@ class ROME(Editor):
                 if not split.active:
                     loss.backward()
                 else:
+                    if local_loss is None and split.even:  # padding only: the others' backward, adding nothing
+                        hidden = out.logits if use_logits else captured["hidden"]
+                        local_loss = hidden.sum() * 0.0
                     if local_loss is not None:
                         local_loss.backward()
                     grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
