@@ -151,13 +151,7 @@ class SequentialEditor(LightningModule):
         """
         if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
-        mesh = self.device_mesh
-        data, shards = mesh["data_parallel"], mesh["tensor_parallel"]
-        if shards.size() == 1:
-            mesh = data
-        elif data.size() == 1:
-            mesh = shards
-        shard_model(self.model, mesh)
+        shard_model(self.model, fsdp_mesh(self.device_mesh))
 
     def _prepare_replicas(self) -> None:
         """Before Lightning wraps the module in ``DistributedDataParallel``: freeze the model, add the anchor."""
@@ -187,6 +181,13 @@ class SequentialEditor(LightningModule):
         if self._editor_ready:
             return
         self.editor.setup(self.model, self.tokenizer)
+        templates = getattr(self.editor, "context_templates", None)
+        if self._replicated and templates is not None and not distributed.same_on_all_ranks(list(templates)):
+            # Each rank takes its share of the template rows: different templates would mix into one update.
+            raise RuntimeError(
+                f"The ranks made different context templates for {type(self.editor).__name__} (sampling from the "
+                "model is not bit-identical across the devices?). Pass context_templates explicitly."
+            )
         self.edit_registry.track(self.model, self.edited_parameter_names)
         self._editor_ready = True
 
@@ -392,6 +393,18 @@ def _check_strategy(trainer: Trainer) -> str:
         f"SequentialEditor runs on {trainer.world_size} processes only under a DDPStrategy ('ddp', 'ddp_spawn', "
         f"...: a whole replica of the model on every rank) or ModelParallelStrategy (FSDP2 shards); got {name}."
     )
+
+
+def fsdp_mesh(mesh: Any) -> Any:
+    """The mesh to shard over, from ModelParallelStrategy's ``(data_parallel, tensor_parallel)`` mesh: the one
+    dimension larger than 1 (all processes), or both - replicated across the first, sharded within the second (HSDP).
+    """
+    data, shards = mesh["data_parallel"], mesh["tensor_parallel"]
+    if shards.size() == 1:
+        return data
+    if data.size() == 1:
+        return shards
+    return mesh
 
 
 class _NoUpdates(torch.optim.SGD):

@@ -1,4 +1,5 @@
-"""Edited matrices sharded by FSDP2 (``fully_shard``), on CPU with gloo: 2 processes (3 for the even split).
+"""Edited matrices sharded by FSDP2 (``fully_shard``), on CPU with gloo: 2 processes (3 for the even split, 4 for
+HSDP).
 
 The registry gathers a sharded matrix once (``W_0``), writes each rank's shard of ``W_0 + dW``, and PRUNE and the
 condition numbers work on the replicated registry. Here they must give what they give on the unsharded model.
@@ -58,13 +59,18 @@ def _edit_and_restrain(model, registry):
 
 
 def _fully_shard(model, world_size: int) -> None:
-    """FSDP2 over the ranks, as SequentialEditor does it: every GPT-2 block a unit of its own, then the rest."""
+    """FSDP2 over the ranks, as SequentialEditor does it: every GPT-2 block a unit of its own, then the rest. The mesh
+    is ModelParallelStrategy's ``(data_parallel, tensor_parallel)`` one: ``(1, world)`` - one node - except on 4
+    ranks, ``(2, 2)`` - two nodes of two devices: replicated across the nodes, sharded within (HSDP)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from prune_lightning.models import decoder_layers, is_sharded_model, shard_model
+    from prune_lightning.module import fsdp_mesh
 
     assert decoder_layers(model) == list(model.transformer.h)
-    mesh = init_device_mesh("cpu", (world_size,))
+    shape = (2, 2) if world_size == 4 else (1, world_size)
+    mesh = fsdp_mesh(init_device_mesh("cpu", shape, mesh_dim_names=("data_parallel", "tensor_parallel")))
+    assert mesh.ndim == (2 if world_size == 4 else 1)
     assert shard_model(model, mesh) and is_sharded_model(model)
     assert not shard_model(model, mesh)  # a sharded model is left as it is
 
@@ -100,8 +106,9 @@ def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir:
         dist.destroy_process_group()
 
 
-def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path, tiny_model_dir):
-    results = _on_ranks(_worker, tmp_path, tiny_model_dir, "rank")
+@pytest.mark.parametrize("world_size", [2, 4], ids=["fsdp-2", "hsdp-2x2"])
+def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path, tiny_model_dir, world_size):
+    results = _on_ranks(_worker, tmp_path, tiny_model_dir, "rank", world_size=world_size)
     for result in results:
         expected, got = result["expected"], result["got"]
         assert float(expected["restrained"]) >= 1, "the test needs PRUNE to restrain something"
@@ -113,11 +120,24 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
         # The shards put together are the restrained matrix, and the sharded model computes what the plain one does.
         torch.testing.assert_close(result["weight"], result["expected_weight"], rtol=0, atol=1e-6)
         torch.testing.assert_close(result["logits"], result["expected_logits"], rtol=1e-5, atol=1e-5)
-    # Each rank holds its own half of the rows (Shard(0)), not the whole matrix.
+    # Each rank holds its own half of the rows (Shard(0)), not the whole matrix; under HSDP the two "nodes" (ranks
+    # 0-1 and 2-3) hold the same halves.
     full = results[0]["expected_weight"]
     for rank, result in enumerate(results):
         assert result["local_shard"].shape[0] < full.shape[0]
-        torch.testing.assert_close(result["local_shard"], full.chunk(WORLD_SIZE, dim=0)[rank], rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["local_shard"], full.chunk(2, dim=0)[rank % 2], rtol=0, atol=1e-6)
+
+
+def test_the_sharding_mesh_is_the_one_dimension_with_several_ranks_or_both():
+    from prune_lightning.module import fsdp_mesh
+
+    class Mesh(dict):
+        def size(self):
+            return self["size"]
+
+    for data, shards, expected in [(1, 8, "tensor_parallel"), (4, 1, "data_parallel"), (2, 8, "both")]:
+        mesh = Mesh(data_parallel=Mesh(size=data), tensor_parallel=Mesh(size=shards), size=data * shards)
+        assert fsdp_mesh(mesh) is (mesh if expected == "both" else mesh[expected])
 
 
 def _editors(world_size: int) -> dict:
