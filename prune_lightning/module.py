@@ -191,6 +191,13 @@ class SequentialEditor(LightningModule):
         self.edit_registry.track(self.model, self.edited_parameter_names)
         self._editor_ready = True
 
+    @override
+    def on_fit_start(self) -> None:
+        # A sharded model reached its device after setup (where W_0 was copied from the whole model on the CPU):
+        # the registry follows it. (Otherwise the model was moved before the copies were made.)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self.edit_registry.to_parameter_devices()
+
     @property
     def edited_parameter_names(self) -> list[str]:
         return list(self.editor.parameter_names(self.model))

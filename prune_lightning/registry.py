@@ -93,6 +93,13 @@ class EditedMatrix:
         full = full_weight(param).float()
         self.delta.set_dense(full - self.w0_on(full.device))
 
+    def to(self, device: torch.device) -> EditedMatrix:
+        """Moves ``dW`` (and ``W_0``, unless offloaded) to ``device``; returns ``self``."""
+        if not self.offload:
+            self.w0 = self.w0.to(device)
+        self.delta.to(device)
+        return self
+
     def state_dict(self) -> dict:
         return {
             "w0": self.w0,
@@ -196,6 +203,11 @@ class EditRegistry:
         """Rewrites the named (default: all) parameters as ``W_0 + dW``."""
         for name in names if names is not None else self._entries:
             self._entries[name].write(self.parameter(name))
+
+    def to_parameter_devices(self) -> None:
+        """Moves every entry to the device of its parameter (of this rank's shard of it)."""
+        for name, entry in self._entries.items():
+            entry.to(_local_device(self.parameter(name)))
 
     def state_dict(self) -> dict:
         return {

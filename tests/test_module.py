@@ -114,3 +114,21 @@ def test_editor_set_up_and_w0_happen_on_the_strategy_device(monkeypatch):
     module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("meta")))
     module.setup("fit")
     assert seen == [torch.device("meta")]
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_registry_follows_its_parameters_to_their_device(offload):
+    """A sharded model reaches its device after W_0 was copied (SequentialEditor.on_fit_start moves the registry);
+    ``meta`` stands in for the accelerator. An offloaded W_0 stays in CPU memory."""
+    from prune_lightning.models import load_causal_lm
+    from prune_lightning.registry import EditRegistry
+
+    model = load_causal_lm("tiny:gpt2")
+    registry = EditRegistry(offload=offload)
+    (name,) = registry.track(model, ["transformer.h.1.mlp.c_proj.weight"])
+    registry[name].record(LowRankUpdate(torch.ones(256, 1), torch.ones(64, 1)))
+    model.to("meta")
+    registry.to_parameter_devices()
+    entry = registry[name]
+    assert entry.delta.device.type == "meta" and entry.delta.dense().device.type == "meta"
+    assert entry.w0.device.type == ("cpu" if offload else "meta")
