@@ -312,6 +312,18 @@ def test_intermediate_loss_layer_reads_logits_through_the_final_norm(lm):
     assert middle.last_trace[0].nll_init != pytest.approx(last.last_trace[0].nll_init, abs=1e-4)
 
 
+def test_intermediate_loss_layer_is_refused_on_a_sharded_model(lm, monkeypatch):
+    """There the final norm and head hold sharded weights outside the model's forward: a clear error, not a crash."""
+    import prune_lightning.editors.rome as rome
+
+    model, tokenizer = lm
+    monkeypatch.setattr(rome, "is_sharded_model", lambda m: m is model)
+    settings = dict(mom2_adjustment=False, **{**FAST, "v_num_grad_steps": 1})
+    with pytest.raises(NotImplementedError, match="v_loss_layer=2 below the last layer on a sharded"):
+        ROME(v_loss_layer=2, **settings).compute_update(model, tokenizer, [REQUEST])
+    ROME(**settings).compute_update(model, tokenizer, [REQUEST])  # the last layer: fine
+
+
 def test_bfloat16_model_gets_float32_factors(tiny_model_dir, tiny_arch):
     model = load_causal_lm(str(tiny_model_dir), dtype="bfloat16")
     tokenizer = load_tokenizer(str(tiny_model_dir))

@@ -65,8 +65,8 @@ from torch import nn
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.distributed import current_split
 from prune_lightning.editors.stats import _input_dim, _model_device, _pad_id, pad_right, second_moment
-from prune_lightning.models import (full_weight, get_module, is_transposed, layer_template, linear_weight_names,
-                                    mlp_out_template, rank_one_in_layout, write_weight)
+from prune_lightning.models import (full_weight, get_module, is_sharded_model, is_transposed, layer_template,
+                                    linear_weight_names, mlp_out_template, rank_one_in_layout, write_weight)
 
 __all__ = ["ROME", "ROME_PRESETS", "ROMETrace"]
 
@@ -456,6 +456,12 @@ class ROME(Editor):
         loss_layer = self._loss_layer(model)
         num_layers = _num_layers(model)
         use_logits = num_layers is None or loss_layer == num_layers - 1  # else: final norm + head on that layer
+        if not use_logits and is_sharded_model(model):
+            raise NotImplementedError(
+                f"ROME with v_loss_layer={loss_layer} below the last layer on a sharded (FSDP) model: the final norm "
+                "and head would run outside the model's forward, on sharded weights. Use the last layer (the "
+                "presets do)."
+            )
         captured: dict[str, torch.Tensor] = {}
 
         def capture_hidden(_module, _args, output):
