@@ -162,3 +162,13 @@ def test_unknown_module_and_empty_batch_are_reported(lm):
         FineTune(layers=[99]).parameter_names(model)
     with pytest.raises(ValueError, match="at least one request"):
         FineTune().compute_update(model, tokenizer, [])
+
+
+def test_a_sharded_model_is_refused(lm, monkeypatch):
+    import prune_lightning.editors.ft as ft
+
+    model, tokenizer = lm
+    monkeypatch.setattr(ft, "is_sharded_model", lambda m: m is model)
+    request = EditRequest(prompt="The hometown of {} is", subject="Danielle", target_new="Rome", case_id=0)
+    with pytest.raises(NotImplementedError, match="FineTune on a sharded .*Use DDP, or ROME / MEMIT"):
+        FineTune(num_steps=1).compute_update(model, tokenizer, [request])

@@ -28,7 +28,7 @@ from torch import nn
 from prune_lightning.editors.base import Editor, Update
 from prune_lightning.editors.rome import _prepared, _target_ids
 from prune_lightning.editors.stats import _model_device, _pad_id, pad_right
-from prune_lightning.models import linear_weight_names, mlp_out_template
+from prune_lightning.models import is_sharded_model, linear_weight_names, mlp_out_template
 
 __all__ = ["FineTune"]
 
@@ -115,6 +115,11 @@ class FineTune(Editor):
         """
         if not requests:
             raise ValueError("compute_update needs at least one request")
+        if is_sharded_model(model):
+            raise NotImplementedError(
+                "FineTune on a sharded (FSDP) model: it runs the model with its own copies of the tuned matrices "
+                "(torch.func.functional_call), which FSDP's gathered weights would replace. Use DDP, or ROME / MEMIT."
+            )
         names = self.parameter_names(model)
         device = _model_device(model)
         input_ids, attention_mask, rows, cols, tgt_ids, tgt_mask = self._batch(tokenizer, requests, device)
