@@ -358,7 +358,8 @@ def shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True) -> b
     Args:
         model: A Hugging Face causal LM (unsharded, on any device).
         mesh: A ``torch.distributed.device_mesh.DeviceMesh``.
-        reshard_after_forward: Free each layer's gathered weights after its forward (FSDP2's default).
+        reshard_after_forward: Free the gathered weights after each forward, also the root unit's (FSDP2 keeps the
+            root's by default; freeing them keeps every parameter outside a forward a sharded one).
     """
     if is_sharded_model(model):
         return False

@@ -165,8 +165,8 @@ class EditQualityEvaluator(Callback):
         device = next(model.parameters()).device
         metrics = _fresh_metrics(device)
         # Called also with an empty shard: on a sharded model every rank joins the forwards (distributed.lockstep).
-        update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, self._shard(trainer, requests),
-                            batch_size=self.batch_size)
+        shard = self._shard(trainer, requests)
+        update_edit_quality(metrics["counterfact"], metrics["zsre"], model, tokenizer, shard, batch_size=self.batch_size)
         kinds = [kind for kind in _KINDS if any(_kind(r) == kind for r in requests)]  # the same on every rank
         names = {kind: list(metrics[kind].metric_state) for kind in kinds}
         values = [metrics[kind].metric_state[name].to(device, torch.float64) for kind in kinds for name in names[kind]]

@@ -122,9 +122,7 @@ class _OrderedSampler(DistributedSampler):
         self.drop_last = False
         self.seed = 0
         self.epoch = 0
-        self.pad = pad
-        own = len(range(rank, num_items, world_size))
-        self.num_samples = -(-num_items // world_size) if pad else own
+        self.num_samples = -(-num_items // world_size) if pad else len(range(rank, num_items, world_size))
         self.total_size = num_items
 
     def __len__(self) -> int:

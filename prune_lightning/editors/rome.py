@@ -427,10 +427,12 @@ class ROME(Editor):
         owns_plain_prompt = bool(mine) and mine[0] == 0  # row 0: the "{}" template, where h is read
         # An even split (sharded model): padding rows (the first template, teacher-forced) up to every rank's
         # count, outside the loss; every rank then runs the same forward and backward.
-        padding_ids, padding_idx = self._encode(tokenizer, self.context_templates[0], request.prompt, request.subject)
-        for _ in range(split.padded_rows(n_rewrite + 1) - len(seqs)):
-            seqs.append(padding_ids + target_ids[:-1])
-            lookup.append(padding_idx)
+        n_padding = split.padded_rows(n_rewrite + 1) - len(seqs)
+        if n_padding:
+            padding_ids, padding_idx = self._encode(tokenizer, self.context_templates[0], request.prompt,
+                                                    request.subject)
+            seqs += [padding_ids + target_ids[:-1]] * n_padding
+            lookup += [padding_idx] * n_padding
 
         if seqs:
             input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), device)
