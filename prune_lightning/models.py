@@ -14,12 +14,13 @@ downstream (registry, restraint, condition numbers) works on the parameter as st
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -399,3 +400,85 @@ def rank_one_in_layout(module: nn.Module, value: torch.Tensor, key: torch.Tensor
     value = value.reshape(value.shape[0], -1)
     key = key.reshape(key.shape[0], -1)
     return (key, value) if is_transposed(module) else (value, key)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# facts about a model that the editors and the statistics need
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs go)."""
+    return next(model.parameters()).device
+
+
+def input_dim(module: nn.Module) -> int:
+    """The input dimension of a linear module (``nn.Linear`` or GPT-2's ``Conv1D``): the length of its keys."""
+    weight = module.weight
+    return int(weight.shape[0] if is_transposed(module) else weight.shape[1])
+
+
+def output_dim(module: nn.Module) -> int:
+    """The output dimension of a linear module (``nn.Linear`` or GPT-2's ``Conv1D``)."""
+    weight = module.weight
+    return int(weight.shape[1] if is_transposed(module) else weight.shape[0])
+
+
+def num_layers(model: nn.Module) -> Optional[int]:
+    """The number of transformer blocks from the model's config (``num_hidden_layers`` / ``n_layer``), if it says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    return int(value) if value else None
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream from the model's config (``hidden_size`` / ``n_embd``)."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not value:
+        raise ValueError("Cannot tell the hidden size of this model from its config")
+    return int(value)
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    """The longest input the model takes, in tokens (``max_position_embeddings`` / ``n_positions``), if it says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits read from an intermediate block's output: the final norm, then the LM head (the logit lens)."""
+    base = getattr(model, "base_model", model)
+    for attr in ("ln_f", "norm", "final_layer_norm"):
+        norm = getattr(base, attr, None)
+        if isinstance(norm, nn.Module):
+            return model.get_output_embeddings()(norm(hidden))
+    raise ValueError("Cannot find the final norm of this model to read logits from an intermediate layer")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, freeze: bool = False) -> Iterator[None]:
+    """Eval mode (no dropout) and, with ``freeze``, no gradients for the parameters; both restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()} if freeze else {}
+    model.eval()
+    try:
+        for p in grads:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, flag in modes.items():
+            m.training = flag
+
+
+@contextlib.contextmanager
+def removing_hooks(*handles) -> Iterator[None]:
+    """Removes the given hook handles on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

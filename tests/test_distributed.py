@@ -19,6 +19,7 @@ from conftest import write_counterfact
 from distributed_fit import N_EDITS, fit, write_tasks
 from prune_lightning import EditDataModule, SequentialEditor
 from prune_lightning.distributed import WorkSplit, current_split, shard, shard_indices, split_work
+from prune_lightning.editors.value import compute_key, optimize_value
 from prune_lightning.models import get_parameter
 
 
@@ -115,9 +116,11 @@ def _probe_collectives_and_rome(pl_module, request) -> dict:
     editor, model, tokenizer = pl_module.editor, pl_module.model, pl_module.tokenizer
     with distributed.split_work() as split:
         out["split"] = [split.rank, split.world_size]
-        out["key"] = editor._compute_key(model, tokenizer, get_module(model, editor._module_name(model)), request)
-        delta, out["nll_init"], out["nll"], out["steps"] = editor._compute_delta(model, tokenizer, request)
-        out["delta"] = delta
+        module = get_module(model, editor.parameter_names(model)[0].removesuffix(".weight"))
+        out["key"] = compute_key(model, tokenizer, module, request, [editor.context_templates], editor.fact_token)
+        value = optimize_value(model, tokenizer, request, module, editor.context_templates, editor.value_settings,
+                               editor.fact_token)
+        out["delta"], out["nll_init"], out["nll"], out["steps"] = value.delta, value.nll_init, value.nll, value.steps
     return out
 
 

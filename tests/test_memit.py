@@ -12,6 +12,7 @@ import yaml
 
 from prune_lightning.data import EditRequest
 from prune_lightning.editors import MEMIT, MEMIT_PRESETS, Editor, LowRankUpdate, second_moment
+from prune_lightning.editors.value import fact_representations
 from prune_lightning.models import get_module, get_parameter, load_causal_lm, load_tokenizer
 from conftest import UpdatesWritten, edited_names, new_vs_true_margin
 
@@ -48,8 +49,13 @@ def edited(lm, tiny_corpus):
     return editor, updates, before, after
 
 
-def _keys(model, tokenizer, module, request, templates):
-    """Independent reference for a key: the module's input at the subject's last token, averaged over templates."""
+def _keys(model, tokenizer, module, request, groups):
+    """Independent reference for a key: the module's input at the subject's last token, averaged within each group
+    of templates, then over the groups (MEMIT's compute_ks.py)."""
+    return torch.stack([_flat_key(model, tokenizer, module, request, group) for group in groups]).mean(dim=0)
+
+
+def _flat_key(model, tokenizer, module, request, templates):
     rows = []
     for template in templates:
         text = template.format(request.rendered_prompt)
@@ -87,14 +93,15 @@ def test_batch_makes_every_new_target_win(lm, edited):
     assert [t.case_id for t in editor.last_trace] == [0, 1, 2, 3]
 
 
-def test_targets_are_reached_at_the_last_edited_layer(lm, edited):
+def test_targets_are_reached_at_the_last_edited_layer(lm, edited, tiny_arch):
     """After all layers are written, the last edited layer's output is much closer to the targets z = h + delta."""
     model, tokenizer = lm
     editor, updates, _, _ = edited
     targets = torch.stack([t.target for t in editor.last_trace])
     deltas = torch.stack([t.delta for t in editor.last_trace])
+    top = get_module(model, ("transformer.h.{}" if tiny_arch == "gpt2" else "model.layers.{}").format(LAYERS[-1]))
     with UpdatesWritten(model, updates):
-        reached = editor._fact_hidden(model, tokenizer, REQUESTS, LAYERS[-1])
+        reached = fact_representations(model, tokenizer, top, REQUESTS, "subject_last")
     remaining = (targets - reached).norm(dim=1)
     assert (remaining < 0.5 * deltas.norm(dim=1)).all(), (remaining, deltas.norm(dim=1))
     # The residual still missing shrinks from layer to layer.
@@ -150,10 +157,12 @@ def test_update_solves_memits_normal_equations(lm, edited, tiny_corpus, tiny_arc
             torch.testing.assert_close(residual, deltas / len(LAYERS), rtol=1e-4, atol=1e-5)
 
 
-def test_keys_of_later_layers_see_the_earlier_updates(lm, edited, tiny_arch):
+def test_keys_are_grouped_averages_and_later_layers_see_the_earlier_updates(lm, edited, tiny_arch):
     model, tokenizer = lm
     editor, updates, _, _ = edited
-    templates = editor.context_templates
+    # The plain prompt is a group of its own, the generated templates another (compute_ks.py).
+    templates = [["{}"], editor.context_templates[1:]]
+    assert editor.context_templates[0] == "{}" and len(templates[1]) == 2
     names = edited_names(tiny_arch, LAYERS)
     first, second = (get_module(model, n.removesuffix(".weight")) for n in names)
     request = REQUESTS[2]

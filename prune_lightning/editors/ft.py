@@ -1,15 +1,22 @@
 r"""Constrained fine-tuning: the FT / FT-L baseline of the ROME and MEMIT papers.
 
 The plainest way to teach a model a new fact is gradient descent on it. :class:`FineTune` takes the MLP
-out-projections ``W`` of the chosen layers, and only those, and minimises the teacher-forced NLL of the new targets
-given their prompts, all requests of the batch at once::
+out-projections ``W`` of the chosen layers, and only those, and minimises the NLL of the new targets given their
+prompts, all requests of the batch at once::
 
-    L(W) = mean over requests  -1/|y| * sum_t log p(y_t | prompt, y_<t ; W)        (y = " " + target_new)
+    L(W) = mean over requests  -1/|y| * sum_t log p(y_t | prompt ; W)               (y = " " + target_new)
 
-with Adam for ``num_steps`` steps (``weight_decay`` is Adam's, on ``W`` itself). FT-L, the variant the papers compare
-against, adds an L-infinity norm constraint: after every step each entry of ``W`` is clamped back into
-``[W_0 - eps, W_0 + eps]`` around its value before the batch, so that no weight moves by more than ``eps =
-norm_constraint``. Without the constraint (``norm_constraint=None``) it is unconstrained fine-tuning (FT).
+with Adam for at most ``num_steps`` steps, stopping once the loss is below ``early_stop_loss`` (``weight_decay`` is
+Adam's, on ``W`` itself). FT-L, the variant the papers compare against, adds an L-infinity norm constraint: after
+every step each entry of ``W`` is clamped back into ``[W_0 - eps, W_0 + eps]`` around its value before the batch, so
+that no weight moves by more than ``eps = norm_constraint``. Without the constraint (``norm_constraint=None``) it is
+unconstrained fine-tuning (FT).
+
+As in the authors' code (``kmeng01/rome`` ``baselines/ft/ft_main.py``), every target token is scored at the prompt's
+last position (``target_positions="prompt_end"``): for a one-token target that is the usual NLL, for a longer one a
+bag of its tokens. ``target_positions="teacher_forced"`` (off by default) scores token ``t`` after ``y_<t`` instead.
+The authors' code selects parameters by a substring of their names and so also tunes GPT-2's ``c_proj`` bias; here
+only the weight matrices are tuned (the edit registry tracks matrices).
 
 The update is dense - whatever Adam did to every entry - so :meth:`FineTune.compute_update` returns
 ``W_after - W_before`` per parameter as a tensor in the parameter's own layout. The optimisation runs on float32
@@ -26,11 +33,12 @@ import torch
 from torch import nn
 
 from prune_lightning.editors.base import Editor, Update
-from prune_lightning.editors.rome import _prepared, _target_ids
-from prune_lightning.editors.stats import _model_device, _pad_id, pad_right
-from prune_lightning.models import is_sharded_model, linear_weight_names, mlp_out_template
+from prune_lightning.models import eval_mode, is_sharded_model, linear_weight_names, mlp_out_template, model_device
+from prune_lightning.tokens import continuation_ids, pad_id, pad_right
 
 __all__ = ["FineTune"]
+
+_TARGET_POSITIONS = ("prompt_end", "teacher_forced")
 
 
 class FineTune(Editor):
@@ -48,6 +56,8 @@ class FineTune(Editor):
         norm_constraint: ``eps``: after every step each weight entry is clamped to within ``eps`` of its value
             before the batch (FT-L); ``None`` for unconstrained fine-tuning.
         early_stop_loss: Stop once the mean target NLL is below this.
+        target_positions: Where the target's tokens are scored: ``"prompt_end"`` (all at the prompt's last
+            position, the authors' code) or ``"teacher_forced"`` (token ``t`` after the target's first ``t``).
     """
 
     def __init__(
@@ -59,6 +69,7 @@ class FineTune(Editor):
         weight_decay: float = 0.0,
         norm_constraint: Optional[float] = 5e-4,
         early_stop_loss: float = 1e-2,
+        target_positions: str = "prompt_end",
     ) -> None:
         layers = list(layers) if not isinstance(layers, (int, str)) else layers
         if not isinstance(layers, list) or not layers:
@@ -75,7 +86,10 @@ class FineTune(Editor):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if norm_constraint is not None and not norm_constraint > 0:
             raise ValueError(f"norm_constraint must be positive or None (no constraint), got {norm_constraint}")
+        if target_positions not in _TARGET_POSITIONS:
+            raise ValueError(f"target_positions must be one of {_TARGET_POSITIONS}, got {target_positions!r}")
         self.layers = [int(layer) for layer in layers]
+        self.target_positions = target_positions
         self.module_template = module_template
         self.num_steps = int(num_steps)
         self.lr = float(lr)
@@ -121,7 +135,7 @@ class FineTune(Editor):
                 "(torch.func.functional_call), which FSDP's gathered weights would replace. Use DDP, or ROME / MEMIT."
             )
         names = self.parameter_names(model)
-        device = _model_device(model)
+        device = model_device(model)
         input_ids, attention_mask, rows, cols, tgt_ids, tgt_mask = self._batch(tokenizer, requests, device)
 
         params = dict(model.named_parameters())
@@ -142,7 +156,7 @@ class FineTune(Editor):
 
         loss_init = loss_value = math.nan
         steps = 0
-        with _prepared(model, freeze=True):
+        with eval_mode(model, freeze=True):
             for step in range(self.num_steps + 1):
                 optimizer.zero_grad()
                 loss = loss_of()
@@ -176,18 +190,17 @@ class FineTune(Editor):
     # helpers
     # ------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _batch(tokenizer, requests: Sequence, device) -> tuple[torch.Tensor, ...]:
-        """Teacher-forced inputs: ``prompt + target[:-1]`` per request, and where each target token is predicted."""
+    def _batch(self, tokenizer, requests: Sequence, device) -> tuple[torch.Tensor, ...]:
+        """The inputs, and where each target token is predicted: ``prompt`` alone, every token at its last position
+        (``"prompt_end"``), or ``prompt + target[:-1]``, token ``t`` at position ``len(prompt) - 1 + t``."""
         seqs, positions, targets = [], [], []
+        teacher_forced = self.target_positions == "teacher_forced"
         for request in requests:
             prompt = request.rendered_prompt
             prompt_ids = list(tokenizer(prompt)["input_ids"])
-            target_ids = _target_ids(tokenizer, prompt, request.target_new)
-            if not target_ids:
-                raise ValueError(f"target_new {request.target_new!r} of case {request.case_id} tokenizes to nothing")
-            seqs.append(prompt_ids + target_ids[:-1])
-            positions.append([len(prompt_ids) - 1 + t for t in range(len(target_ids))])
+            target_ids = continuation_ids(tokenizer, request.target_new, prompt)
+            seqs.append(prompt_ids + target_ids[:-1] if teacher_forced else prompt_ids)
+            positions.append([len(prompt_ids) - 1 + (t if teacher_forced else 0) for t in range(len(target_ids))])
             targets.append(target_ids)
         width = max(len(t) for t in targets)
         cols = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -198,12 +211,13 @@ class FineTune(Editor):
             cols[i, len(pos) :] = pos[-1]  # padding slots read a real position; the mask drops them
             tgt_ids[i, : len(tgt)] = torch.tensor(tgt)
             tgt_mask[i, : len(tgt)] = 1.0
-        input_ids, attention_mask = pad_right(seqs, _pad_id(tokenizer), device)
+        input_ids, attention_mask = pad_right(seqs, pad_id(tokenizer), device)
         rows = torch.arange(len(seqs))[:, None].expand(-1, width)
         return input_ids, attention_mask, rows.to(device), cols.to(device), tgt_ids.to(device), tgt_mask.to(device)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(layers={self.layers}, num_steps={self.num_steps}, lr={self.lr}, "
-            f"weight_decay={self.weight_decay}, norm_constraint={self.norm_constraint})"
+            f"weight_decay={self.weight_decay}, norm_constraint={self.norm_constraint}, "
+            f"target_positions={self.target_positions!r})"
         )

@@ -5,24 +5,18 @@ spreads each of them over a *range* of consecutive layers ``l_1 < ... < l_L`` (G
 has to carry a large change. Each out-projection ``W_l`` is again read as a linear key-value memory: the input of
 ``W_l`` at the subject's last token is a key, ``W_l k`` is the value added to the residual stream.
 
-1. Targets. For every request ``i`` MEMIT finds the hidden state ``z_i`` the *last* edited layer should emit at the
-   subject's last token for the model to say the new object. That is ROME's value optimisation, with the free vector
-   added to the output of layer ``l_L``::
-
-       delta_i = argmin  target NLL + kl_factor * KL + v_weight_decay * ||delta||^2 / ||h_i||^2,
-                         ||delta|| <= clamp_norm_factor * ||h_i||
-       z_i     = h_i + delta_i
-
-   where ``h_i`` is the output of layer ``l_L`` at the subject's last token of the plain prompt, on the unedited
-   model. All targets are computed before any weight changes (this module calls :class:`~.rome.ROME`'s
-   ``_compute_delta`` with ``layer = layers[-1]``).
+1. Targets (:func:`~.value.optimize_value`). For every request ``i`` MEMIT finds the hidden state ``z_i`` the *last*
+   edited layer should emit at the subject's last token for the model to say the new object: ``delta_i`` is added to
+   the output of block ``l_L`` and fitted with the loss of :mod:`.value`, clamped to
+   ``clamp_norm_factor * ||h_i||``, and ``z_i = h_i + delta_i`` with ``h_i`` the block's original output there. All
+   targets are computed before any weight changes.
 
 2. Layer by layer, bottom to top. For ``j = 0 .. L-1`` and layer ``l = l_{j+1}``, on the weights as updated so far:
 
-   - keys ``K = [k_1 .. k_k]`` (``d_in x k``): the input of ``W_l`` at each subject's last token, averaged over the
-     context templates (ROME's key, read at layer ``l``);
+   - keys ``K = [k_1 .. k_k]`` (``d_in x k``): the input of ``W_l`` at each subject's last token, averaged within
+     each group of context templates and then over the groups (:func:`~.value.compute_key`);
    - the residual still missing at the top, ``R = [z_i - h_i^cur]`` (``d x k``), where ``h_i^cur`` is the current
-     output of layer ``l_L`` at the subject's last token;
+     output of block ``l_L`` at the subject's last token of the plain prompt;
    - this layer's share of it, ``R_l = R / (L - j)`` (the remaining layers take the rest; the last one all that is
      left);
    - the update that makes ``W_l`` output ``R_l`` more at the new keys while disturbing the values of the keys seen
@@ -39,6 +33,12 @@ has to carry a large change. Each out-projection ``W_l`` is again read as a line
    - ``dW_l`` is written into ``W_l`` for the moment, so the keys and hidden states of the layers above see it.
 
    With ``mom2_adjustment=False``, ``C_l`` is the identity.
+
+Conventions, as in the authors' code (``kmeng01/memit``: ``memit/compute_z.py`` for the targets,
+``memit/compute_ks.py`` for the grouped key average, ``memit/memit_main.py`` for the templates - the plain prompt as
+one group, five generated texts of 10 tokens as the other - and the layer loop); the shared ones are listed in
+:mod:`.value`. ``delta_site="module"`` (off by default) adds ``delta`` to the last edited MLP's output instead of the
+block's, as ROME does. For LLaMA the PRUNE paper used EasyEdit's MEMIT, whose value step is the same.
 
 :meth:`MEMIT.compute_update` restores every weight before it returns and hands back one
 :class:`~prune_lightning.editors.base.LowRankUpdate` per edited matrix, in the parameter's own layout (GPT-2's
@@ -58,14 +58,18 @@ import torch
 from torch import nn
 
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
-from prune_lightning.editors.rome import ROME, _hidden_size, _hooks, _prepared
-from prune_lightning.editors.stats import _model_device, _pad_id, pad_right, second_moment, second_moments
-from prune_lightning.models import (full_weight, get_module, is_transposed, layer_template, linear_weight_names,
-                                    mlp_out_template, rank_one_in_layout, write_weight)
+from prune_lightning.editors.stats import REFERENCE_CORPUS, second_moment, second_moments
+from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, ValueSettings, check_templates, compute_key,
+                                           fact_representations, generate_context_templates, optimize_value,
+                                           template_groups)
+from prune_lightning.models import (full_weight, get_module, hidden_size, is_sharded_model, layer_template,
+                                    linear_weight_names, mlp_out_template, num_layers, output_dim,
+                                    rank_one_in_layout, write_weight)
 
 __all__ = ["MEMIT", "MEMIT_PRESETS", "MEMITTrace", "MEMITLayerTrace"]
 
-# The published hyperparameters: MEMIT's GPT-2 XL setting; EasyEdit's LLaMA settings (used by the PRUNE paper).
+# The published hyperparameters: MEMIT's GPT-2 XL setting (kmeng01/memit hparams/MEMIT/gpt2-xl.json); EasyEdit's
+# LLaMA setting (hparams/MEMIT/llama-7b.yaml), which the PRUNE paper used.
 MEMIT_PRESETS: dict[str, dict] = {
     "gpt2-xl": dict(
         layers=[13, 14, 15, 16, 17],
@@ -78,6 +82,7 @@ MEMIT_PRESETS: dict[str, dict] = {
         kl_factor=0.0625,
         mom2_adjustment=True,
         mom2_update_weight=20000.0,
+        mom2_corpus=REFERENCE_CORPUS,
         mom2_n_samples=100000,
         mom2_dtype="float32",
         context_template_lengths=((10, 5),),
@@ -93,6 +98,7 @@ MEMIT_PRESETS: dict[str, dict] = {
         kl_factor=0.0625,
         mom2_adjustment=True,
         mom2_update_weight=15000.0,
+        mom2_corpus=REFERENCE_CORPUS,
         mom2_n_samples=100000,
         mom2_dtype="float32",
         context_template_lengths=((10, 5),),
@@ -112,6 +118,8 @@ class MEMITTrace:
         target: ``z = h + delta``, the hidden state the last edited layer should emit there (float32).
         nll_init: Mean NLL of the target before the value optimisation.
         nll_final: Mean NLL of the target with ``delta`` added.
+        loss_init: Total loss (NLL, KL and decay) before the optimisation.
+        loss_final: Total loss with ``delta`` added.
         steps: Adam steps taken.
     """
 
@@ -120,6 +128,8 @@ class MEMITTrace:
     target: torch.Tensor
     nll_init: float
     nll_final: float
+    loss_init: float
+    loss_final: float
     steps: int
 
 
@@ -140,10 +150,6 @@ class MEMITLayerTrace:
     residual_norm: float
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the hidden states it needs are captured: the layers above are not needed."""
-
-
 class MEMIT(Editor):
     """Mass-Editing Memory in a Transformer: one batch of facts spread over several MLP out-projections.
 
@@ -155,25 +161,33 @@ class MEMIT(Editor):
         layer_module_template: Name template of a transformer block (default by model type, e.g.
             ``transformer.h.{}``).
         fact_token: Where keys and hidden states are read: ``"subject_last"`` or ``"last"`` (the prompt's last token).
-        v_num_grad_steps: Adam steps of the target optimisation.
+        v_num_grad_steps: Times round the target optimisation's loop; the last one only evaluates the loss, so at
+            most ``v_num_grad_steps - 1`` Adam steps (as in the authors' code).
         v_lr: Adam learning rate of the target optimisation.
         v_loss_layer: Layer whose output gives the target NLL (default: the last layer, i.e. the model's logits).
-        v_weight_decay: Weight of ``||delta||^2 / ||h||^2`` in the target loss.
+        v_weight_decay: Weight of ``||delta|| / ||h||^2`` in the target loss.
         clamp_norm_factor: ``||delta||`` is clamped to this multiple of ``||h||`` after every step.
-        kl_factor: Weight of the KL term on the ``"{subject} is a"`` prompt.
-        early_stop_loss: Stop a target optimisation once the target NLL is below this.
+        kl_factor: Weight of ``KL(edited || original)`` on the ``"{subject} is a"`` prompt.
+        early_stop_loss: Stop a target optimisation once its total loss is below this.
         mom2_adjustment: Weigh the update by the keys' second moment ``C_l`` (False: ``C_l`` is the identity).
         mom2_update_weight: ``lambda`` in ``(lambda C_l + K K^T)``: how strongly the values of ordinary keys are kept.
-        mom2_corpus: Corpus for ``C_l``: hub dataset ``"id[:config]"`` or a local ``.txt`` / ``.jsonl`` file.
+        mom2_corpus: Corpus for ``C_l``: hub dataset ``"id[:config[:split]]"`` or a local ``.txt`` / ``.jsonl`` file
+            (default: Wikipedia, as in the authors' code).
         mom2_n_samples: Number of corpus documents ``C_l`` is computed over.
         mom2_dtype: Accumulation dtype of ``C_l`` (``"float32"`` or ``"float64"``).
         stats_file: Precomputed ``C_l`` (safetensors or ``.npy``) instead of computing them: a path template with
             one ``{}`` for the layer index (``"stats/layer{}.safetensors"``), a ``{layer: path}`` mapping, or a single
             path when only one layer is edited.
-        context_templates: Explicit context templates (each with one ``{}`` where the prompt goes); default:
-            generated from the model in :meth:`setup`.
-        context_template_lengths: ``(length in tokens, count)`` pairs of generated templates; the plain ``"{}"``
-            template is always added.
+        context_templates: Explicit context templates (each with one ``{}`` where the prompt goes): a list of groups
+            (lists) to average keys over, or a flat list, which is grouped as the authors' code groups its own: the
+            plain ``"{}"`` alone, the others together. The first template is where ``h`` is read. Default: ``"{}"``
+            and templates generated from the model in :meth:`setup`.
+        context_template_lengths: ``(length, count)`` pairs of generated templates: ``count`` texts of ``length``
+            tokens in all, their opening included.
+        template_prompts: How generated templates open: ``"prefixes"`` ("The", "Therefore", "Because", "I", "You";
+            MEMIT's code) or ``"eos"`` (the end-of-text token).
+        delta_site: Where ``delta`` is added: ``"block"`` (the last edited block's output, the authors' code) or
+            ``"module"`` (its MLP out-projection's output).
         seed: Seed of the template generation.
     """
 
@@ -194,12 +208,14 @@ class MEMIT(Editor):
         early_stop_loss: float = 0.05,
         mom2_adjustment: bool = True,
         mom2_update_weight: float = 20000.0,
-        mom2_corpus: str = "wikitext:wikitext-103-raw-v1",
+        mom2_corpus: str = REFERENCE_CORPUS,
         mom2_n_samples: int = 100000,
         mom2_dtype: str = "float32",
         stats_file: Union[str, dict[int, str], None] = None,
-        context_templates: Optional[list[str]] = None,
+        context_templates: Union[list[str], list[list[str]], None] = None,
         context_template_lengths: tuple = ((10, 5),),
+        template_prompts: str = "prefixes",
+        delta_site: str = "block",
         seed: int = 0,
     ) -> None:
         layers = list(layers) if not isinstance(layers, (int, str)) else layers
@@ -209,10 +225,19 @@ class MEMIT(Editor):
             raise ValueError(f"layers must hold integer layer indices >= 0, got {layers!r}")
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"layers must be strictly increasing (edited bottom to top), got {layers!r}")
+        if fact_token not in FACT_TOKENS:
+            raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {fact_token!r}")
+        if template_prompts not in TEMPLATE_PROMPTS:
+            raise ValueError(f"template_prompts must be one of {TEMPLATE_PROMPTS}, got {template_prompts!r}")
         if not mom2_update_weight > 0:
             raise ValueError(f"mom2_update_weight must be positive, got {mom2_update_weight}")
         if mom2_n_samples < 1:
             raise ValueError(f"mom2_n_samples must be a positive number of documents, got {mom2_n_samples}")
+        lengths = tuple((int(length), int(count)) for length, count in context_template_lengths)
+        if any(length < 1 or count < 0 for length, count in lengths):
+            raise ValueError(f"context_template_lengths must hold (length >= 1, count >= 0) pairs, got {lengths}")
+        if context_templates is not None:
+            check_templates(context_templates)
         if isinstance(stats_file, dict):
             stats_file = {int(layer): str(path) for layer, path in stats_file.items()}
             missing = [layer for layer in layers if layer not in stats_file]
@@ -225,6 +250,15 @@ class MEMIT(Editor):
                     f"stats_file {stats_file!r} is a single path, but MEMIT edits layers {layers}: give a template "
                     "with '{}' for the layer index, or a {layer: path} mapping"
                 )
+        self.value_settings = ValueSettings(
+            num_grad_steps=v_num_grad_steps,
+            lr=float(v_lr),
+            weight_decay=float(v_weight_decay),
+            clamp_norm_factor=float(clamp_norm_factor),
+            kl_factor=float(kl_factor),
+            early_stop_loss=float(early_stop_loss),
+            site=delta_site,
+        )
         self.layers = [int(layer) for layer in layers]
         self.module_template = module_template
         self.layer_module_template = layer_module_template
@@ -242,13 +276,14 @@ class MEMIT(Editor):
         self.mom2_n_samples = int(mom2_n_samples)
         self.mom2_dtype = mom2_dtype
         self.stats_file = stats_file
-        self.context_template_lengths = tuple((int(n), int(c)) for n, c in context_template_lengths)
+        self.context_template_lengths = lengths
+        self.template_prompts = template_prompts
+        self.delta_site = delta_site
         self.seed = int(seed)
-        self._given_templates = list(context_templates) if context_templates is not None else None
-        # The value step is ROME's: building it here also checks fact_token, v_*, clamp_norm_factor and templates.
-        self._value_editor: ROME = self._make_value_editor()
+        self._given_templates = context_templates
         self._ready = False
         self.context_templates: Optional[list[str]] = None
+        self.context_template_groups: list[list[str]] = []
         self._mom2: dict[int, torch.Tensor] = {}
         self.last_trace: list[MEMITTrace] = []
         self.last_layers: list[MEMITLayerTrace] = []
@@ -274,17 +309,21 @@ class MEMIT(Editor):
             tokenizer: Its tokenizer.
         """
         self.parameter_names(model)
-        hidden = _hidden_size(model)
+        hidden = hidden_size(model)
         for layer in self.layers:
             module = get_module(model, self._module_name(model, layer))
-            out_dim = module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
-            if out_dim != hidden:
+            if output_dim(module) != hidden:
                 raise ValueError(
-                    f"{self._module_name(model, layer)} outputs {out_dim} features, but the residual stream has "
-                    f"{hidden}: MEMIT edits matrices that write into the residual stream (MLP out-projections)"
+                    f"{self._module_name(model, layer)} outputs {output_dim(module)} features, but the residual "
+                    f"stream has {hidden}: MEMIT edits matrices that write into the residual stream (MLP "
+                    "out-projections)"
                 )
-        value_editor = self._make_value_editor()
-        value_editor.setup(model, tokenizer)  # checks the block and v_loss_layer, builds the templates
+        get_module(model, self._layer_name(model, self.layers[-1]))
+        loss_layer = self._loss_layer(model)
+        n_layers = num_layers(model)
+        if n_layers is not None and not 0 <= loss_layer < n_layers:
+            raise ValueError(f"v_loss_layer={loss_layer} is out of range for a model with {n_layers} layers")
+        get_module(model, self._layer_name(model, loss_layer))
         self._mom2 = {}
         if self.mom2_adjustment:
             names = {layer: self._module_name(model, layer) for layer in self.layers}
@@ -300,8 +339,14 @@ class MEMIT(Editor):
                                            n_samples=self.mom2_n_samples, dtype=self.mom2_dtype,
                                            stats_file=given[layer])
                 self._mom2[layer] = moment.to(get_module(model, names[layer]).weight.device)
-        self._value_editor = value_editor
-        self.context_templates = list(value_editor.context_templates)
+        if self._given_templates is not None:
+            self.context_template_groups = template_groups(self._given_templates, plain_alone=True)
+        else:
+            generated = generate_context_templates(model, tokenizer, self.context_template_lengths, self.seed,
+                                                   prompts=self.template_prompts)
+            # memit_main.get_context_templates: the plain prompt alone, the generated texts together
+            self.context_template_groups = [["{}"], generated] if generated else [["{}"]]
+        self.context_templates = [t for group in self.context_template_groups for t in group]
         self._ready = True
 
     def compute_update(self, model: nn.Module, tokenizer, requests: Sequence) -> dict[str, Update]:
@@ -320,17 +365,16 @@ class MEMIT(Editor):
         if not requests:
             raise ValueError("compute_update needs at least one request")
         requests = list(requests)
-        value_editor = self._value_editor
-        top = self.layers[-1]
+        site = self._site(model)
 
         # 1. The targets z_i at the output of the last edited layer, all on the unedited model.
-        traces = []
-        for request in requests:
-            delta, nll_init, nll_final, steps = value_editor._compute_delta(model, tokenizer, request)
-            traces.append((request.case_id, delta, nll_init, nll_final, steps))
-        h_start = self._fact_hidden(model, tokenizer, requests, top)  # (k, d)
-        deltas = torch.stack([t[1].to(h_start.device) for t in traces])
-        targets = h_start + deltas  # (k, d)
+        loss_block = self._loss_block(model)
+        values = [
+            optimize_value(model, tokenizer, request, site, self.context_templates, self.value_settings,
+                           fact_token=self.fact_token, loss_block=loss_block)
+            for request in requests
+        ]
+        targets = torch.stack([value.target for value in values])  # (k, d)
 
         # 2. Layer by layer, each seeing the updates below it.
         modules = {layer: get_module(model, self._module_name(model, layer)) for layer in self.layers}
@@ -342,11 +386,12 @@ class MEMIT(Editor):
             for j, layer in enumerate(self.layers):
                 module = modules[layer]
                 weight = module.weight
-                keys = torch.stack(
-                    [value_editor._compute_key(model, tokenizer, module, r) for r in requests], dim=1
-                )  # K: (d_in, k)
-                current = h_start if j == 0 else self._fact_hidden(model, tokenizer, requests, top)
-                missing = (targets - current).T  # R: (d, k)
+                keys = torch.stack([
+                    compute_key(model, tokenizer, module, r, self.context_template_groups, self.fact_token)
+                    for r in requests
+                ], dim=1)  # K: (d_in, k)
+                current = fact_representations(model, tokenizer, site, requests, self.fact_token, "out")
+                missing = (targets.to(current.device) - current).T  # R: (d, k)
                 residual = missing.double() / (len(self.layers) - j)  # R_l
                 key_factor = self._solve(layer, keys)  # (lambda C + K K^T)^{-1} K: (d_in, k)
                 out_dtype = weight.dtype if torch.finfo(weight.dtype).bits > 32 else torch.float32
@@ -371,15 +416,17 @@ class MEMIT(Editor):
                 write_weight(module.weight, originals[layer])
 
         self.last_trace = [
-            MEMITTrace(case_id=case_id, delta=delta.detach().cpu(), target=target.detach().cpu(),
-                       nll_init=nll_init, nll_final=nll_final, steps=steps)
-            for (case_id, delta, nll_init, nll_final, steps), target in zip(traces, targets)
+            MEMITTrace(case_id=request.case_id, delta=value.delta.detach().cpu(), target=value.target.detach().cpu(),
+                       nll_init=value.nll_init, nll_final=value.nll, loss_init=value.loss_init,
+                       loss_final=value.loss, steps=value.steps)
+            for request, value in zip(requests, values)
         ]
         self.last_layers = layer_traces
         n = len(self.last_trace)
         self.last_metrics = {
             "loss": sum(t.nll_final for t in self.last_trace) / n,
             "loss_init": sum(t.nll_init for t in self.last_trace) / n,
+            "v_loss": sum(t.loss_final for t in self.last_trace) / n,
             "v_steps": sum(t.steps for t in self.last_trace) / n,
             "delta_norm": sum(float(t.delta.norm()) for t in self.last_trace) / n,
         }
@@ -391,25 +438,34 @@ class MEMIT(Editor):
     # helpers
     # ------------------------------------------------------------------------------------------------------------
 
-    def _make_value_editor(self) -> ROME:
-        """The ROME whose key and value computations MEMIT uses, its layer set to the last edited layer."""
-        return ROME(
-            layer=self.layers[-1],
-            module_template=self.module_template,
-            layer_module_template=self.layer_module_template,
-            fact_token=self.fact_token,
-            v_num_grad_steps=self.v_num_grad_steps,
-            v_lr=self.v_lr,
-            v_loss_layer=self.v_loss_layer,
-            v_weight_decay=self.v_weight_decay,
-            clamp_norm_factor=self.clamp_norm_factor,
-            kl_factor=self.kl_factor,
-            early_stop_loss=self.early_stop_loss,
-            mom2_adjustment=False,  # MEMIT solves with its own per-layer statistics
-            context_templates=self._given_templates,
-            context_template_lengths=self.context_template_lengths,
-            seed=self.seed,
-        )
+    def _site(self, model: nn.Module) -> nn.Module:
+        """The module whose output ``delta`` is added to and the residual is measured at (last edited layer)."""
+        top = self.layers[-1]
+        if self.delta_site == "module":
+            return get_module(model, self._module_name(model, top))
+        return get_module(model, self._layer_name(model, top))
+
+    def _loss_layer(self, model: nn.Module) -> int:
+        if self.v_loss_layer is not None:
+            return max(int(self.v_loss_layer), self.layers[-1])  # compute_z.py: max(v_loss_layer, layer)
+        n_layers = num_layers(model)
+        if n_layers is None:
+            raise ValueError("Cannot tell the number of layers of this model; give v_loss_layer explicitly")
+        return n_layers - 1
+
+    def _loss_block(self, model: nn.Module) -> Optional[nn.Module]:
+        """The block whose output gives the target NLL, or None for the model's own logits (the last layer)."""
+        loss_layer = self._loss_layer(model)
+        n_layers = num_layers(model)
+        if n_layers is not None and loss_layer == n_layers - 1:
+            return None
+        if is_sharded_model(model):
+            raise NotImplementedError(
+                f"MEMIT with v_loss_layer={loss_layer} below the last layer on a sharded (FSDP) model: the final norm "
+                "and head would run outside the model's forward, on sharded weights. Use the last layer (the presets "
+                "do)."
+            )
+        return get_module(model, self._layer_name(model, loss_layer))
 
     def _solve(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """``(lambda C_l + K K^T)^{-1} K`` in float64 (``C_l`` the identity without ``mom2_adjustment``)."""
@@ -422,30 +478,6 @@ class MEMIT(Editor):
             system = self.mom2_update_weight * moment.to(torch.float64)
         system = system + keys @ keys.T
         return torch.linalg.solve(system, keys)
-
-    def _fact_hidden(self, model: nn.Module, tokenizer, requests: Sequence, layer: int) -> torch.Tensor:
-        """The output of block ``layer`` at each request's fact token of its plain prompt: ``(k, d)`` float32."""
-        encoded = [self._value_editor._encode(tokenizer, "{}", r.prompt, r.subject) for r in requests]
-        device = _model_device(model)
-        input_ids, attention_mask = pad_right([ids for ids, _ in encoded], _pad_id(tokenizer), device)
-        rows = torch.arange(len(encoded), device=device)
-        cols = torch.tensor([idx for _, idx in encoded], device=device)
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            captured["hidden"] = hidden[rows.to(hidden.device), cols.to(hidden.device)].detach().float()
-            raise _StopForward
-
-        block = get_module(model, self._layer_name(model, layer))
-        with _prepared(model), _hooks(block.register_forward_hook(capture)), torch.no_grad():
-            try:
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-        if "hidden" not in captured:
-            raise RuntimeError(f"The forward pass never reached {self._layer_name(model, layer)}")
-        return captured["hidden"]
 
     def _stats_file(self, layer: int) -> Optional[str]:
         if self.stats_file is None:
@@ -466,4 +498,3 @@ class MEMIT(Editor):
             f"v_num_grad_steps={self.v_num_grad_steps}, v_lr={self.v_lr}, "
             f"mom2_update_weight={self.mom2_update_weight}, mom2_adjustment={self.mom2_adjustment})"
         )
-

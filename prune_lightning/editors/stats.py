@@ -19,8 +19,13 @@ counted, the last one cut to fit, so that ``N = max_tokens`` exactly.
 
 Corpora (read as a stream, never loaded whole).
 
-- ``"wikitext:wikitext-103-raw-v1"``: a Hugging Face hub dataset ``id[:config[:split]]`` (split ``train`` by default),
+- ``"wikimedia/wikipedia:20231101.en"`` (:data:`REFERENCE_CORPUS`, what the editors' presets use) or
+  ``"wikitext:wikitext-103-raw-v1"``: a Hugging Face hub dataset ``id[:config[:split]]`` (split ``train`` by default),
   streamed with ``datasets.load_dataset(..., streaming=True)``; the ``text`` column.
+
+The authors' statistics (``kmeng01/rome`` ``rome/layer_stats.py``) are over a seeded pseudorandom sample of 100,000
+Wikipedia articles (dump ``20200501.en``, no longer loadable), cut to the model's context; here they are the first
+``n_samples`` articles of the stream. The two samples differ, so ``C`` differs by sampling noise.
 - ``path/to/file.txt``: one document per non-empty line.
 - ``path/to/file.jsonl`` / ``.json``: records with a ``"text"`` field (JSON lines, or one JSON list).
 
@@ -55,9 +60,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from prune_lightning.models import default_cache_dir, get_module, is_transposed, resolve_dtype
+from prune_lightning.models import context_length, default_cache_dir, get_module, input_dim, resolve_dtype
 
 __all__ = [
+    "REFERENCE_CORPUS",
     "second_moment",
     "second_moments",
     "iter_corpus_documents",
@@ -67,9 +73,13 @@ __all__ = [
 ]
 
 STATS_FORMAT = "prune_lightning.second_moment/1"
+#: The corpus of the authors' statistics: English Wikipedia (``kmeng01/rome`` ``rome/layer_stats.py`` loads the
+#: ``wikipedia`` dataset, dump ``20200501.en``, which today's ``datasets`` can no longer load; this is its successor).
+REFERENCE_CORPUS = "wikimedia/wikipedia:20231101.en"
 _STATS_KEY = "mom2"
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
-_DEFAULT_MAX_LENGTH = 1024
+# Documents are cut to the model's context, at most this many tokens (EasyEdit's layer_stats.py; ROME's GPT-2 has 1024).
+_DEFAULT_MAX_LENGTH = 4096
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,7 +115,7 @@ def second_moment(
         n_samples: Number of documents (the first non-empty texts of the corpus); all their tokens count.
         dtype: Accumulation dtype, ``"float32"`` or ``"float64"``; the cache file stores the moment in this dtype.
         batch_size: Documents per forward pass.
-        max_length: Documents are truncated to this many tokens (default: the model's context length, at most 1024).
+        max_length: Documents are truncated to this many tokens (default: the model's context length, at most 4096).
         cache_dir: Where the cache lives (default: ``default_cache_dir() / "stats"``).
         stats_file: Precomputed statistics (safetensors with a ``"mom2"`` tensor or a single tensor, or ``.npy``);
             when given, nothing is computed or cached.
@@ -120,7 +130,7 @@ def second_moment(
         The ``(in_dim, in_dim)`` matrix ``C`` as float32, on the CPU.
     """
     module = get_module(model, module_name)
-    in_dim = _input_dim(module)
+    in_dim = input_dim(module)
     if stats_file is not None:
         return load_stats_file(stats_file, in_dim=in_dim, module_name=module_name)
     return second_moments(
@@ -174,7 +184,7 @@ def second_moments(
         n_samples: Number of documents.
         dtype: Accumulation dtype, ``"float32"`` or ``"float64"``.
         batch_size: Documents per forward pass.
-        max_length: Truncation length in tokens (default: the model's context length, at most 1024).
+        max_length: Truncation length in tokens (default: the model's context length, at most 4096).
         cache_dir: Where the cache lives (default: ``default_cache_dir() / "stats"``).
         model_id: Name of the model in the cache file names (default: basename of ``model.config._name_or_path``).
         recompute: Ignore existing cache files.
@@ -189,7 +199,7 @@ def second_moments(
     names = list(module_names)
     if not names or len(set(names)) != len(names):
         raise ValueError(f"module_names must name at least one module, each once; got {names}")
-    in_dims = {name: _input_dim(get_module(model, name)) for name in names}
+    in_dims = {name: input_dim(get_module(model, name)) for name in names}
     _check_request(n_samples, max_tokens)
     dtype_name = accumulation_dtype(dtype)[1]
     max_length = int(max_length) if max_length is not None else _default_max_length(model)
@@ -398,38 +408,9 @@ def accumulation_dtype(dtype: Union[str, torch.dtype]) -> tuple[torch.dtype, str
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads token id lists into ``(input_ids, attention_mask)`` (right padding keeps positions 0, 1, ...)."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        attention_mask[i, : len(s)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _input_dim(module: nn.Module) -> int:
-    weight = module.weight
-    return int(weight.shape[0] if is_transposed(module) else weight.shape[1])
-
-
 def _default_max_length(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return min(int(context), _DEFAULT_MAX_LENGTH) if context else _DEFAULT_MAX_LENGTH
+    context = context_length(model)
+    return min(context, _DEFAULT_MAX_LENGTH) if context else _DEFAULT_MAX_LENGTH
 
 
 def _default_model_id(model: nn.Module) -> str:

@@ -96,11 +96,8 @@ from prune_lightning.editors.stats import (
     _check_request,
     _default_max_length,
     _default_model_id,
-    _input_dim,
     _load_cache,
     _local_corpus_path,
-    _model_device,
-    _pad_id,
     _save_atomic,
     _sha256,
     _slug,
@@ -108,17 +105,19 @@ from prune_lightning.editors.stats import (
     corpus_name,
     expected_metadata,
     iter_corpus_documents,
-    pad_right,
     stats_cache_path,
 )
 from prune_lightning.models import (
     default_cache_dir,
     get_module,
+    input_dim,
     load_causal_lm,
     load_tokenizer,
     mlp_out_template,
+    model_device,
     resolve_model_path,
 )
+from prune_lightning.tokens import pad_id, pad_right
 
 __all__ = ["SecondMomentJob", "CorpusStream", "compute_second_moments", "agree_on_missing", "main"]
 
@@ -202,7 +201,7 @@ class CorpusStream(IterableDataset):
         self.world_size = int(world_size)
         self.start = dict(_START, **(start or {}))
         self.sort_window = int(sort_window)
-        self._pad_id = _pad_id(tokenizer)
+        self._pad_id = pad_id(tokenizer)
         self._available: Optional[int] = None
 
     def __len__(self) -> int:
@@ -446,7 +445,7 @@ class SecondMomentJob(LightningModule):
         max_tokens: Token budget over all processes (default: none).
         dtype: Accumulation dtype, ``"float32"`` or ``"float64"``.
         batch_size: Documents per forward pass (per process).
-        max_length: Truncation length in tokens (default: the model's context length, at most 1024).
+        max_length: Truncation length in tokens (default: the model's context length, at most 4096).
         tokenizer: The tokenizer, or its id/path (default: that of ``model`` when ``model`` is a name).
         model_dtype: Parameter dtype when the job loads the model.
         model_id: Name of the model in the cache (default: basename of the model's ``_name_or_path``).
@@ -565,7 +564,7 @@ class SecondMomentJob(LightningModule):
         if self.module_names is None:
             template = self.module_template or mlp_out_template(model)
             self.module_names = [template.format(layer) for layer in self.layers]
-        self._in_dims = {name: _input_dim(get_module(model, name)) for name in self.module_names}
+        self._in_dims = {name: input_dim(get_module(model, name)) for name in self.module_names}
         if self.max_length is None:
             self.max_length = _default_max_length(model)
         self.model_id = self.model_id or _default_model_id(model)
@@ -604,12 +603,12 @@ class SecondMomentJob(LightningModule):
         root = self.trainer.strategy.root_device
         if self._model_name is not None:
             model.to(root)
-        elif _model_device(model) != root:
+        elif model_device(model) != root:
             raise ValueError(
-                f"The model is on {_model_device(model)} but the Trainer runs on {root}: run the job on the model's "
+                f"The model is on {model_device(model)} but the Trainer runs on {root}: run the job on the model's "
                 "device (or give the model by name and the job moves it)"
             )
-        device = _model_device(model)
+        device = model_device(model)
         self._grams = {name: _Gram(dim, self.acc_dtype, device) for name, dim in self._in_dims.items()}
         if self._restored is not None:
             state = self._restored
@@ -638,7 +637,7 @@ class SecondMomentJob(LightningModule):
         )
         if self.num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        pin = _model_device(self.lm).type == "cuda"
+        pin = model_device(self.lm).type == "cuda"
         return _CorpusLoader(stream, self.num_workers, pin_memory=pin, progress=lambda: self._cursor)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -872,7 +871,7 @@ def compute_second_moments(
         n_samples: Number of documents.
         dtype: Accumulation dtype, ``"float32"`` or ``"float64"``.
         batch_size: Documents per forward pass.
-        max_length: Truncation length (default: the model's context length, at most 1024).
+        max_length: Truncation length (default: the model's context length, at most 4096).
         max_tokens: Token budget (default: none).
         cache_dir: Where the cache files go (default: ``default_cache_dir() / "stats"``).
         model_id: Name of the model in the cache (default: from its config).
@@ -903,7 +902,7 @@ def compute_second_moments(
     checkpoint_dir = Path(checkpoint_dir)
     if world > 1:
         checkpoint_dir = checkpoint_dir / f"rank{rank}-of-{world}"
-    device = _model_device(model)
+    device = model_device(model)
     accelerator = {"cuda": "gpu"}.get(device.type, device.type)
     show_bar = progress_bar and rank == 0
     last = checkpoint_dir / "last.ckpt"
@@ -988,7 +987,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--n_samples", type=int, default=100000, help="number of documents (default %(default)s)")
     add("--max_tokens", type=int, default=None, help="token budget (default: none)")
     add("--max_length", type=int, default=None, help="truncation length in tokens (default: the model's context, "
-        "at most 1024)")
+        "at most 4096)")
     add("--dtype", default="float32", choices=["float32", "float64"], help="accumulation dtype (default %(default)s)")
     add("--batch_size", type=int, default=16, help="documents per forward pass and device (default %(default)s)")
     add("--num_workers", type=int, default=0, help="DataLoader processes that tokenize ahead (default %(default)s)")

@@ -33,11 +33,10 @@ Per-case inputs (both metric classes, and :func:`counterfact_scores`) may be giv
   number of prompts per case (an empty entry is a case without such prompts).
 
 Tokenization. A prompt is tokenized as the tokenizer does by default (with its BOS token, if it adds one); the
-target is tokenized separately as ``" " + target`` without special tokens, and the two id lists are concatenated,
-so the scored target tokens are exactly those of the target (not a merge across the prompt's last token). A
-SentencePiece tokenizer (LLaMA) turns ``" Paris"`` into a lone ``"▁"`` followed by ``"▁Paris"``; a leading token
-that decodes to whitespace only is dropped when more tokens follow (see :func:`continuation_ids`). Batches are
-right-padded with an attention mask.
+target's tokens are those of ``" " + target`` as it follows the prompt in running text
+(:func:`prune_lightning.tokens.continuation_ids`, the definition the editors use too), and the two id lists are
+concatenated. For GPT-2 that is ``tok(" " + target)``, as in the authors' evaluation (``kmeng01/rome``
+``experiments/py/eval_utils_counterfact.py``). Batches are right-padded with an attention mask.
 """
 
 from __future__ import annotations
@@ -47,6 +46,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from prune_lightning.tokens import continuation_ids
 
 __all__ = [
     "CounterFactScore",
@@ -68,30 +69,6 @@ _ZSRE_PARTS = ("efficacy", "generalization", "locality")
 # --------------------------------------------------------------------------------------------------------------------
 # teacher forcing on a causal LM
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def continuation_ids(tokenizer: Any, target: str) -> list[int]:
-    """The token ids of ``" " + target`` as a continuation of a prompt.
-
-    Tokenized without special tokens. A leading token that decodes to whitespace only is dropped when more tokens
-    follow: SentencePiece tokenizers (LLaMA) encode ``" Paris"`` as ``"▁"`` + ``"▁Paris"``, while after a prompt the
-    model would write ``"▁Paris"`` alone. Byte-level BPE tokenizers (GPT-2) give ``"ĠParis"`` and are unaffected.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer.
-        target: The continuation, without its leading space (``"Paris"``).
-
-    Raises:
-        ValueError: If ``target`` is empty or tokenizes to nothing.
-    """
-    if not isinstance(target, str) or not target.strip():
-        raise ValueError(f"target must be a non-empty string, got {target!r}")
-    ids = list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
-    if len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
-        ids = ids[1:]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenizes to no tokens")
-    return ids
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, index: int) -> list[int]:
@@ -125,7 +102,8 @@ def _teacher_forced(
     """
     _check_pairs(prompts, targets, batch_size)
     encoded = [
-        (_prompt_ids(tokenizer, p, i), continuation_ids(tokenizer, t)) for i, (p, t) in enumerate(zip(prompts, targets))
+        (_prompt_ids(tokenizer, p, i), continuation_ids(tokenizer, t, p))
+        for i, (p, t) in enumerate(zip(prompts, targets))
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
