@@ -268,7 +268,8 @@ def test_read_zsre_maps_the_schema_for_both_target_conventions(tmp_path):
     assert first.rendered_prompt == "What university did Watts Humphrey 1 attend?"
     assert first.target_true is None
     assert first.paraphrase_prompts == ("What university did Watts Humphrey 1 take part in?",)
-    assert first.neighborhood_prompts == ("who played desmond doss father in hacksaw ridge",)
+    # As the authors' evaluation scores it (kmeng01/rome dsets/zsre.py): the loc question, prefix kept, and "?"
+    assert first.neighborhood_prompts == ("nq question: who played desmond doss father in hacksaw ridge?",)
     assert first.neighborhood_targets == ("Hugo Weaving",)
     assert [r.case_id for r in rome] == [0, 1, 2]
     assert [r.case_id for r in read_zsre(path, offset=1, limit=1)] == [1]

@@ -172,3 +172,28 @@ def test_a_sharded_model_is_refused(lm, monkeypatch):
     request = EditRequest(prompt="The hometown of {} is", subject="Danielle", target_new="Rome", case_id=0)
     with pytest.raises(NotImplementedError, match="FineTune on a sharded .*Use DDP, or ROME / MEMIT"):
         FineTune(num_steps=1).compute_update(model, tokenizer, [request])
+
+
+def test_targets_are_scored_at_the_prompts_end_as_in_the_reference(lm):
+    """ft_main.py scores every target token at the prompt's last position: for a two-token target the loss is the
+    mean of -log p(y_t | prompt) over t, not the teacher-forced NLL (which target_positions="teacher_forced" gives)."""
+    model, tokenizer = lm
+    request = EditRequest(prompt="The favourite sport of {}", subject="Danielle Darrieux", target_new="tennis Paris",
+                          target_true="piano", case_id=5)
+    prompt = request.rendered_prompt
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    target = tokenizer(prompt + " " + request.target_new)["input_ids"][len(prompt_ids):]
+    assert len(target) == 2
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1].float(), dim=-1)
+    bag = float(-logp[torch.tensor(target)].mean())
+    settings = dict(layers=[1], num_steps=0)
+    reference = FineTune(**settings)
+    reference.compute_update(model, tokenizer, [request])
+    assert reference.target_positions == "prompt_end"
+    assert reference.last_metrics["loss_init"] == pytest.approx(bag, rel=1e-5)
+    forced = FineTune(target_positions="teacher_forced", **settings)
+    forced.compute_update(model, tokenizer, [request])
+    expected = target_nll(model, tokenizer, prompt, request.target_new)
+    assert forced.last_metrics["loss_init"] == pytest.approx(expected, rel=1e-5)
+    assert abs(bag - expected) > 1e-2

@@ -18,8 +18,10 @@ Mapping to :class:`~prune_lightning.data.EditRequest`:
   ``target="alt"`` (the EasyEdit convention). There is no true target: ``target_true`` is ``None``.
 - ``paraphrase_prompts``: ``rephrase`` (one string or a list) as complete prompts, subject written in - the same
   form as CounterFact's paraphrases; they are not turned into templates.
-- ``neighborhood_prompts`` / ``neighborhood_targets``: ``loc`` without its ``"nq question: "`` prefix, and
-  ``loc_ans`` (each one string or a list of equal length).
+- ``neighborhood_prompts`` / ``neighborhood_targets``: ``loc + "?"`` and ``loc_ans`` (each one string or a list
+  of equal length). The ``"nq question: "`` prefix stays, as in the authors' evaluation (``kmeng01/rome``
+  ``dsets/zsre.py`` scores ``record["loc"] + "?"`` followed by the answer's tokens); a question that already ends in
+  ``"?"`` gets no second one.
 - ``case_id``: the record's ``case_id`` or ``id`` if it has one, else its index in the file.
 
 ``pred`` (the base model's prediction) and ``cond`` are not used.
@@ -36,13 +38,12 @@ from prune_lightning.data.sources import read_records
 __all__ = ["read_zsre", "zsre_request", "ZSRE_TARGETS"]
 
 ZSRE_TARGETS = ("answers", "alt")
-_LOC_PREFIX = "nq question:"
 
 
-def _strip_loc_prefix(question: str) -> str:
-    if question[: len(_LOC_PREFIX)].lower() == _LOC_PREFIX:
-        return question[len(_LOC_PREFIX) :].strip()
-    return question.strip()
+def _loc_prompt(question: str) -> str:
+    """The locality prompt of a ``loc`` question: the question and a question mark (ROME's ``dsets/zsre.py``)."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
 
 
 def _template(src: str, subject: str) -> Optional[str]:
@@ -90,7 +91,7 @@ def zsre_request(record: Any, name: str = "<record>", index: int = 0, target: st
     prompt = _template(src, subject)
     if prompt is None:
         raise rec.error("subject", f"{subject!r} does not occur in src {src!r}")
-    loc = [_strip_loc_prefix(q) for q in rec.texts("loc", allow_single=True)]
+    loc = [_loc_prompt(q) for q in rec.texts("loc", allow_single=True)]
     loc_ans = [a.strip() for a in rec.texts("loc_ans", allow_single=True)]
     if len(loc) != len(loc_ans):
         raise rec.error("loc_ans", f"has {len(loc_ans)} answers for {len(loc)} loc questions")
