@@ -15,7 +15,9 @@ with ``--trainer.callbacks+=<fragment.yaml>``.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -44,11 +46,21 @@ class PruneEditCLI(LightningCLI):
         super().__init__(SequentialEditor, EditDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)
 
 
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing litlogger"): nothing a user of this tool acts on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def _quiet_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars would drown the per-edit lines
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, from inside its own logging code.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -264,6 +264,7 @@ def train_demo_model(
         attn_pdrop=config.dropout,
         activation_function=config.activation,
     )
+    model.loss_type = "ForCausalLM"  # the labels' loss; transformers warns once when the config names none
     model.train()
     loader = torch.utils.data.DataLoader(
         _Texts(ids),

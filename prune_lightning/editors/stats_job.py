@@ -58,7 +58,7 @@ agree on which modules are missing (:func:`agree_on_missing`).
 The command line, ``prune-edit stats`` (:func:`main`), runs the job on a model given by name, on any accelerator
 and number of devices::
 
-    prune-edit stats --model gpt2-xl --layers 17 --corpus wikitext:wikitext-103-raw-v1 --n_samples 100000
+    prune-edit stats --model gpt2-xl --layers 17 --corpus wikimedia/wikipedia:20231101.en --n_samples 100000
     prune-edit stats --model tiny:gpt2 --modules transformer.h.1.mlp.c_proj --corpus corpus.txt \
         --checkpoint_dir runs/stats --resume --devices 2
 """
@@ -92,6 +92,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from typing_extensions import override
 
 from prune_lightning.editors.stats import (
+    REFERENCE_CORPUS,
     STATS_FORMAT,
     _check_request,
     _default_max_length,
@@ -462,7 +463,7 @@ class SecondMomentJob(LightningModule):
         modules: Optional[Sequence[str]] = None,
         layers: Optional[Sequence[int]] = None,
         module_template: Optional[str] = None,
-        corpus: str = "wikitext:wikitext-103-raw-v1",
+        corpus: str = REFERENCE_CORPUS,
         n_samples: int = 100000,
         max_tokens: Optional[int] = None,
         dtype: str = "float32",
@@ -982,7 +983,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--layers", nargs="+", default=None, help="layer indices, with --module_template (default: the MLP "
         "out-projection of the model type)")
     add("--module_template", default=None, help="module name template for --layers, e.g. transformer.h.{}.mlp.c_proj")
-    add("--corpus", default="wikitext:wikitext-103-raw-v1", help="hub dataset id[:config[:split]] or a local "
+    add("--corpus", default=REFERENCE_CORPUS, help="hub dataset id[:config[:split]] or a local "
         ".txt/.jsonl/.json file (default %(default)s)")
     add("--n_samples", type=int, default=100000, help="number of documents (default %(default)s)")
     add("--max_tokens", type=int, default=None, help="token budget (default: none)")
