@@ -1,6 +1,6 @@
 r"""Tokens per second of the statistics job against plain forward passes over the same batches, on the same model.
 
-The statistics job (:class:`prune_lightning.editors.stats_job.SecondMomentJob`) reads a corpus, tokenizes it on the
+The statistics job (:class:`prune_lightning.stats.SecondMomentJob`) reads a corpus, tokenizes it on the
 fly, runs the model up to the last measured module and adds ``K^T K`` to each module's sum, all inside a Lightning
 ``Trainer.fit``. Its physical limit is the forward pass itself. All ways below run side by side in one process, on the
 same model, over the same padded batches (the job's own stream, tokenized once beforehand for the baselines):
@@ -45,10 +45,12 @@ from pathlib import Path
 import torch
 
 try:
-    from prune_lightning.editors import stats_job
+    import prune_lightning  # noqa: F401
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from prune_lightning.editors import stats_job
+from prune_lightning.stats.corpus import CorpusStream
+from prune_lightning.stats.job import GramSum, SecondMomentJob, gram_blocks
+from prune_lightning.stats.run import quiet_lightning
 from lightning.pytorch import Trainer
 
 from prune_lightning.models import get_module, train_bpe_tokenizer
@@ -86,7 +88,7 @@ def arithmetic_bound(d_model: int, measured: list[int]) -> float:
     last = max(measured)
     forward = last * 12 * d_model**2 + 8 * d_model**2  # whole blocks below, then qkv, attention out, fc of the last
     dim = 4 * d_model
-    blocks = stats_job.gram_blocks(dim)
+    blocks = gram_blocks(dim)
     sums = len(measured) * sum((b - a) * (dim - a) for a, b in blocks)
     return forward / (forward + sums)
 
@@ -133,11 +135,11 @@ def forward_to(model, batches, last_module: str, grams=None, modules=()) -> None
 
 
 def run_job(model, tokenizer, modules, corpus: Path, n_docs: int, batch_size: int, cache: Path,
-            num_workers: int) -> stats_job.SecondMomentJob:
-    job = stats_job.SecondMomentJob(model=model, tokenizer=tokenizer, modules=modules, corpus=str(corpus),
+            num_workers: int) -> SecondMomentJob:
+    job = SecondMomentJob(model=model, tokenizer=tokenizer, modules=modules, corpus=str(corpus),
                                     n_samples=n_docs, batch_size=batch_size, cache_dir=str(cache),
                                     num_workers=num_workers)
-    with stats_job._quiet_lightning():
+    with quiet_lightning():
         trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
                           num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(cache))
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="stats-bench-"))
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(docs) + "\n")
-    stream = stats_job.CorpusStream(str(corpus), tokenizer, n_samples=args.docs, batch_size=args.batch_size,
+    stream = CorpusStream(str(corpus), tokenizer, n_samples=args.docs, batch_size=args.batch_size,
                                     max_length=args.max_length)
     batches = list(stream)
     n_tokens = sum(b["n_tokens"] for b in batches)
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
             f"forward to layer {measured[-1]} c_proj": lambda: forward_to(model, batches, last),
             "bare loop + sums": lambda: forward_to(
                 model, batches, last,
-                grams={m: stats_job._Gram(in_dim, torch.float32, torch.device("cpu")) for m in modules},
+                grams={m: GramSum(in_dim, torch.float32, torch.device("cpu")) for m in modules},
                 modules=modules),
             "statistics job (Lightning)": lambda: run_job(model, tokenizer, modules, corpus, args.docs,
                                                           args.batch_size, work / "cache", args.num_workers),

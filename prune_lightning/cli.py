@@ -76,8 +76,8 @@ def main(args: Optional[list[str]] = None) -> None:
         demo_main(argv[1:])
         return
     if argv[:1] == ["stats"]:
-        # Not a Trainer method either: the statistics job builds its own Trainer (prune_lightning.editors.stats_job).
-        from prune_lightning.editors.stats_job import main as stats_main
+        # Not a Trainer method either: the statistics job builds its own Trainer (prune_lightning.stats).
+        from prune_lightning.stats.cli import main as stats_main
 
         stats_main(argv[1:])
         return

@@ -335,7 +335,7 @@ def test_read_requests_dispatches(tmp_path):
 def test_not_json_and_wrong_top_level(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"case_id": 0,', encoding="utf-8")
-    with pytest.raises(SourceError, match=r"bad\.json: not valid JSON"):
+    with pytest.raises(SourceError, match=r"bad\.json: line 1: not valid JSON"):
         read_counterfact(bad)
     obj = _write_json(tmp_path / "obj.json", {"data": [_cf_record(0)]})
     with pytest.raises(SourceError, match=r"obj\.json: expected a JSON array of records.*got an object"):

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import prune_lightning.stats as stats_mod
 from prune_lightning.editors import second_moment
-from prune_lightning.editors import stats as stats_mod
-from prune_lightning.editors import stats_job
+from prune_lightning.stats import SecondMomentJob
 from prune_lightning.models import get_module, load_causal_lm, load_tokenizer, mlp_out_template
 
 DOCS = [
@@ -117,7 +117,7 @@ def test_second_call_reuses_the_cache(lm, corpus, tmp_path, tiny_model_dir, monk
         raise AssertionError("recomputed")
 
     # The statistics job is what computes: a cached matrix never reaches its training step.
-    monkeypatch.setattr(stats_job.SecondMomentJob, "training_step", boom)
+    monkeypatch.setattr(SecondMomentJob, "training_step", boom)
     assert torch.equal(second_moment(model, tokenizer, module_name, str(corpus), **kwargs), first)
     with pytest.raises(AssertionError, match="recomputed"):
         second_moment(model, tokenizer, module_name, str(corpus), recompute=True, **kwargs)

@@ -11,9 +11,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 
-from prune_lightning.editors import stats as stats_mod
-from prune_lightning.editors import stats_job
-from prune_lightning.editors.stats_job import SecondMomentJob
+import prune_lightning.stats as stats_mod
+import prune_lightning.stats.moments as moments_mod
+from prune_lightning.stats import CorpusStream, SecondMomentJob
+from prune_lightning.stats.job import GramSum, gram_blocks
 from prune_lightning.models import get_module, load_causal_lm, load_tokenizer, mlp_out_template
 
 _WORDS = ("the capital of France is Paris and Rome is in Italy while Berlin Madrid London Tokyo Cairo Lima Oslo "
@@ -137,9 +138,9 @@ def test_job_equals_direct_computation_for_several_modules_in_one_pass(lm, corpu
 def test_stream_shards_cover_every_document_once(corpus, sort_window):
     tokenizer = load_tokenizer("tiny:gpt2")
     docs = [tokenizer(t)["input_ids"] for t in stats_mod.load_corpus_texts(str(corpus))]
-    shards = [list(stats_job.CorpusStream(str(corpus), tokenizer, n_samples=21, batch_size=2, max_length=128,
+    shards = [list(CorpusStream(str(corpus), tokenizer, n_samples=21, batch_size=2, max_length=128,
                                           rank=rank, world_size=2, sort_window=sort_window)) for rank in range(2)]
-    assert len(shards[0]) == len(shards[1]) == len(stats_job.CorpusStream(
+    assert len(shards[0]) == len(shards[1]) == len(CorpusStream(
         str(corpus), tokenizer, n_samples=21, batch_size=2, max_length=128, world_size=2)) == 6
     seen = []
     for rank, batches in enumerate(shards):
@@ -157,9 +158,9 @@ def test_stream_shards_cover_every_document_once(corpus, sort_window):
 
 def test_upper_triangle_accumulation_equals_the_full_product():
     keys = torch.randn(300, 1100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    gram = stats_job._Gram(1100, torch.float64, torch.device("cpu"))
+    gram = GramSum(1100, torch.float64, torch.device("cpu"))
     assert gram.blocks == [(0, 256), (256, 512), (512, 768), (768, 1024), (1024, 1100)]
-    assert len(stats_job.gram_blocks(6400)) == 8 and stats_job.gram_blocks(200) == [(0, 200)]
+    assert len(gram_blocks(6400)) == 8 and gram_blocks(200) == [(0, 200)]
     gram.add(keys[:170])
     gram.add(keys[170:])
     full = gram.symmetric()
@@ -266,13 +267,13 @@ def test_cached_modules_are_not_recomputed(lm, corpus, tmp_path, monkeypatch):
     mtime = _cache_file(tmp_path, modules[0]).stat().st_mtime_ns
 
     computed = []
-    compute = stats_job.compute_second_moments
+    compute = moments_mod.compute_second_moments
 
     def spy(model, tokenizer, module_names, *args, **kwargs):
         computed.append(list(module_names))
         return compute(model, tokenizer, module_names, *args, **kwargs)
 
-    monkeypatch.setattr(stats_job, "compute_second_moments", spy)
+    monkeypatch.setattr(moments_mod, "compute_second_moments", spy)
     both = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=10, cache_dir=tmp_path)
     assert computed == [modules[1:]]  # only the missing module
     assert torch.equal(both[modules[0]], first)

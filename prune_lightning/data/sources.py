@@ -23,15 +23,15 @@ Files hold a list of records (dicts): ``.json`` is one JSON array, ``.jsonl`` / 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from prune_lightning.io import SourceError, atomic_target, json_records
 
 __all__ = ["SourceError", "resolve_source", "read_records", "source_name"]
 
@@ -39,26 +39,6 @@ HUB_PREFIX = "hub:"
 _DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 _OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-
-
-class SourceError(ValueError):
-    """A source cannot be read: a file that is not JSON, a bad JSON line, a hub dataset that cannot be loaded.
-
-    Args:
-        source: The file path, URL or hub id.
-        problem: What went wrong.
-        line: 1-based line number for JSON-lines files, if the problem is on one line.
-    """
-
-    def __init__(self, source: Any, problem: str, line: Optional[int] = None) -> None:
-        self.source = str(source)
-        self.line = line
-        self.problem = problem
-        where = self.source if line is None else f"{self.source}: line {line}"
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):
-        return (type(self), (self.source, self.problem, self.line))
 
 
 def _is_dataset(obj: Any) -> bool:
@@ -123,18 +103,13 @@ def _download(url: str, cache_dir: Optional[Union[str, Path]]) -> Path:
     target = cache_dir / _download_name(url)
     if target.is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        with atomic_target(target, keep_existing=True) as tmp, open(tmp, "wb") as out, \
+                urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
-        os.replace(tmp_name, target)
     except (urllib.error.URLError, OSError) as err:
         raise SourceError(url, f"download failed: {err}") from err
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return target
 
 
@@ -172,40 +147,8 @@ def resolve_source(source: Any, cache_dir: Optional[Union[str, Path]] = None):
     return path
 
 
-def _read_json_list(path: Path, text: str) -> list:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SourceError(path, f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
-    if not isinstance(data, list):
-        kind = "an object" if isinstance(data, dict) else type(data).__name__
-        raise SourceError(path, f"expected a JSON array of records at the top level, got {kind}")
-    return data
-
-
-def _read_json_lines(path: Path, text: str) -> list:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise SourceError(path, f"not valid JSON: {err.msg} (column {err.colno})", line=lineno) from None
-    return records
-
-
 def _read_file(path: Path) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SourceError(path, f"not a UTF-8 text file ({err.reason} at byte {err.start})") from None
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_json_lines(path, text)
-    if suffix == ".json" or text.lstrip().startswith("["):
-        return _read_json_list(path, text)
-    return _read_json_lines(path, text)
+    return [record for _, record in json_records(path)]
 
 
 def read_records(

@@ -64,12 +64,12 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+from prune_lightning.io import SourceError, json_records, read_text
 from prune_lightning.metrics.text import TEXT_METRICS, normalize_number
 
 __all__ = [
@@ -440,28 +440,6 @@ register_task(
 Located = tuple[str, Any]  # ("line 3", record)
 
 
-def _iter_json_lines(path: Path, text: str) -> Iterator[Located]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskRecordError(path, f"line {lineno}", None, f"not valid JSON: {err.msg} (column {err.colno})")
-        yield f"line {lineno}", record
-
-
-def _iter_json_array(path: Path, text: str) -> Iterator[Located]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TaskRecordError(path, f"line {err.lineno}", None, f"not valid JSON: {err.msg} (column {err.colno})")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records at the top level, got {_type_name(data)}")
-    for i, record in enumerate(data):
-        yield f"element {i}", record
-
-
 def _iter_table(path: Path, delimiter: str) -> Iterator[Located]:
     with open(path, encoding="utf-8-sig", newline="") as handle:
         if delimiter == "\t":  # GLUE's TSVs hold unbalanced quotes: read them literally
@@ -496,21 +474,15 @@ def _iter_file(path: Path) -> Iterator[Located]:
     if suffix == ".csv":
         yield from _iter_table(path, ",")
         return
+    text = read_text(path)
+    if suffix not in (".json", ".jsonl", ".ndjson") and text.lstrip()[:1] not in ("[", "{"):
+        raise ValueError(f"{path}: cannot tell the file's format; use one of the suffixes {list(_FILE_SUFFIXES)}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
-    head = text.lstrip()[:1]
-    if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and head != "["):
-        yield from _iter_json_lines(path, text)
-    elif suffix == ".json" or head == "[":
-        yield from _iter_json_array(path, text)
-    elif head == "{":
-        yield from _iter_json_lines(path, text)
-    else:
-        raise ValueError(
-            f"{path}: cannot tell the file's format; use one of the suffixes {list(_FILE_SUFFIXES)}"
-        )
+        yield from json_records(path, text)
+    except SourceError as err:
+        if err.line is None:
+            raise
+        raise TaskRecordError(path, f"line {err.line}", None, err.problem) from None
 
 
 def _is_dataset(obj: Any) -> bool:

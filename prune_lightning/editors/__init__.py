@@ -10,8 +10,7 @@ from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.editors.ft import FineTune
 from prune_lightning.editors.memit import MEMIT, MEMIT_PRESETS
 from prune_lightning.editors.rome import ROME, ROME_PRESETS
-from prune_lightning.editors.stats import second_moment, second_moments
-from prune_lightning.editors.stats_job import SecondMomentJob
+from prune_lightning.stats import SecondMomentJob, second_moment, second_moments  # re-exported: their old home
 
 __all__ = [
     "Editor",

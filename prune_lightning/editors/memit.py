@@ -27,7 +27,7 @@ has to carry a large change. Each out-projection ``W_l`` is again read as a line
          =>         dW_l = R_l [ (lambda C_l + K K^T)^{-1} K ]^T                        (out x in)
 
      with ``C_l = E[k k^T]`` the per-token second moment of the keys of ``W_l`` over a text corpus
-     (:func:`~prune_lightning.editors.stats.second_moment`) and ``lambda = mom2_update_weight``. The solve is done in
+     (:func:`~prune_lightning.stats.second_moment`) and ``lambda = mom2_update_weight``. The solve is done in
      float64. ``dW_l`` is a value factor ``R_l`` (``d x k``) times a key factor ``(lambda C + K K^T)^{-1} K``
      (``d_in x k``): rank ``<= k``.
    - ``dW_l`` is written into ``W_l`` for the moment, so the keys and hidden states of the layers above see it.
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
-from prune_lightning.editors.stats import REFERENCE_CORPUS, second_moment, second_moments
+from prune_lightning.stats import REFERENCE_CORPUS, second_moment, second_moments
 from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, ValueSettings, check_templates, compute_key,
                                            fact_representations, generate_context_templates, optimize_value,
                                            template_groups)

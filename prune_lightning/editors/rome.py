@@ -25,7 +25,7 @@ keys' values as they were.
        dW = (h + delta - W k - b) (C^{-1} k*)^T / (k^T C^{-1} k*)
 
    where ``k`` is the key of the *plain* prompt alone, ``W k + b`` the MLP's output there, and ``C = E[k k^T]`` the
-   second moment of the keys over a text corpus (:mod:`.stats`). Check: ``(W + dW) k = h + delta - b``, the
+   second moment of the keys over a text corpus (:mod:`prune_lightning.stats`). Check: ``(W + dW) k = h + delta - b``, the
    optimised value; a key ``x`` with ``x^T C^{-1} k* = 0`` keeps its value. With ``mom2_adjustment=False``, ``C`` is
    the identity. In the plain prompt ``h = W k + b``, so the residual is ``delta`` up to float rounding.
 
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
-from prune_lightning.editors.stats import REFERENCE_CORPUS, second_moment
+from prune_lightning.stats import REFERENCE_CORPUS, second_moment
 from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, ValueSettings, check_templates, compute_key,
                                            fact_representations, generate_context_templates, optimize_value,
                                            template_groups)

@@ -1,0 +1,264 @@
+"""Where second-moment statistics live on disk: the cache's file names, their provenance metadata, loading, saving.
+
+A matrix is written as safetensors (never pickle) to
+``<cache>/stats/<model>__<module>__<corpus>__<n_samples>__<dtype>.safetensors`` (with a token budget the count
+reads ``<n_samples>-<max_tokens>tok``); ``<cache>`` is :func:`~prune_lightning.models.default_cache_dir` unless
+``cache_dir`` is given. The same facts, plus the token count, the truncation length and (for local files) the
+corpus's SHA-256, are stored in the file's metadata (:func:`expected_metadata`); a cache file whose metadata does not
+match the request is recomputed (:func:`load_cached`). Files are written through
+:func:`prune_lightning.io.atomic_target`, so an interrupted run never leaves a truncated cache behind.
+
+Users with precomputed statistics pass ``stats_file`` (:func:`load_stats_file`: a safetensors file holding the tensor
+``"mom2"`` or a single tensor, or a ``.npy`` array); its shape is checked against the module's input dimension.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import re
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from prune_lightning.io import atomic_target
+from prune_lightning.models import context_length, default_cache_dir, resolve_dtype
+from prune_lightning.stats.corpus import REFERENCE_CORPUS, corpus_name, file_sha256, local_corpus_path
+
+__all__ = [
+    "STATS_FORMAT",
+    "StatsSettings",
+    "accumulation_dtype",
+    "check_request",
+    "default_max_length",
+    "default_model_id",
+    "expected_metadata",
+    "load_cached",
+    "load_stats_file",
+    "save_moment",
+    "slug",
+    "stats_cache_path",
+]
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    """What statistics to compute and how: the settings that travel from :func:`second_moments` to the job.
+
+    Args:
+        corpus: Hub dataset ``"id[:config[:split]]"`` (column ``text``) or a local ``.txt`` / ``.jsonl`` / ``.json``
+            file.
+        n_samples: Number of documents (the first non-empty texts of the corpus); all their tokens count.
+        dtype: Accumulation dtype, ``"float32"`` or ``"float64"``; the cache file stores the moment in this dtype.
+        batch_size: Documents per forward pass.
+        max_length: Documents are truncated to this many tokens (default: the model's context length, at most 4096).
+        max_tokens: Token budget: stop once this many tokens are counted (default: no budget).
+        cache_dir: Where the cache lives (default: ``default_cache_dir() / "stats"``).
+        model_id: Name of the model in the cache file names (default: basename of ``model.config._name_or_path``).
+        checkpoint_dir: Where the job keeps its partial sums while it runs (default: a folder under the cache that
+            is removed once the cache files are written); an interrupted computation resumes from there.
+        checkpoint_every_n_steps: Save the partial sums every this many batches (default: every 10 minutes).
+        num_workers: DataLoader processes that read and tokenize ahead of the forward passes.
+    """
+
+    corpus: str = REFERENCE_CORPUS
+    n_samples: int = 100000
+    dtype: str = "float32"
+    batch_size: int = 16
+    max_length: Optional[int] = None
+    max_tokens: Optional[int] = None
+    cache_dir: Optional[Union[str, Path]] = None
+    model_id: Optional[str] = None
+    checkpoint_dir: Optional[Union[str, Path]] = None
+    checkpoint_every_n_steps: Optional[int] = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_request(self.n_samples, self.max_tokens)
+        accumulation_dtype(self.dtype)
+
+STATS_FORMAT = "prune_lightning.second_moment/1"
+
+_STATS_KEY = "mom2"
+
+_DEFAULT_MAX_LENGTH = 4096
+
+
+def stats_cache_path(
+    model_id: str,
+    module_name: str,
+    corpus: str,
+    n_samples: int,
+    dtype: str,
+    cache_dir: Optional[Union[str, Path]] = None,
+    max_tokens: Optional[int] = None,
+) -> Path:
+    """Where :func:`second_moment` caches a matrix: ``<dir>/<model>__<module>__<corpus>__<n>__<dtype>.safetensors``.
+
+    Args:
+        model_id: Name of the model (e.g. ``"gpt2-xl"``).
+        module_name: The measured module.
+        corpus: The corpus spec; a local file contributes its file name only.
+        n_samples: Number of documents.
+        dtype: Accumulation dtype name.
+        cache_dir: The directory (default: ``default_cache_dir() / "stats"``).
+        max_tokens: The token budget, if any: the count then reads ``<n>-<max_tokens>tok``.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
+    count = str(n_samples) if max_tokens is None else f"{n_samples}-{int(max_tokens)}tok"
+    parts = [model_id, module_name, corpus_name(corpus), count, dtype]
+    return root / ("__".join(slug(p) for p in parts) + ".safetensors")
+
+
+def expected_metadata(
+    model_id: str,
+    module_name: str,
+    corpus: str,
+    n_samples: int,
+    dtype: str,
+    max_length: int,
+    max_tokens: Optional[int] = None,
+    corpus_sha256: Optional[str] = None,
+) -> dict[str, str]:
+    """The metadata a cache file of this request carries (before ``n_tokens`` / ``n_documents`` are known).
+
+    Args:
+        model_id: Name of the model.
+        module_name: The measured module.
+        corpus: The corpus spec; a local file is known by its name and ``corpus_sha256``.
+        n_samples: Number of documents.
+        dtype: Accumulation dtype name.
+        max_length: Truncation length in tokens.
+        max_tokens: The token budget, if any (only then is it part of the metadata).
+        corpus_sha256: SHA-256 of a local corpus file (computed here when not given).
+    """
+    local = local_corpus_path(corpus)
+    expected = {
+        "format": STATS_FORMAT,
+        "model_id": model_id,
+        "module": module_name,
+        # A local file is known by its name and content, so another spelling of its path reuses the cache.
+        "corpus": corpus_name(corpus),
+        "n_samples": str(n_samples),
+        "dtype": dtype,
+        "max_length": str(max_length),
+    }
+    if max_tokens is not None:
+        expected["max_tokens"] = str(int(max_tokens))
+    if local is not None:
+        expected["corpus_sha256"] = corpus_sha256 or file_sha256(local)
+    return expected
+
+
+def load_stats_file(
+    path: Union[str, Path], in_dim: Optional[int] = None, module_name: str = "the module"
+) -> torch.Tensor:
+    """Reads user-provided second-moment statistics (safetensors or ``.npy``) and checks their shape.
+
+    Args:
+        path: A ``.safetensors`` file holding the tensor ``"mom2"`` (or exactly one tensor), or a ``.npy`` array.
+        in_dim: The input dimension of the module; the matrix must be ``(in_dim, in_dim)``.
+        module_name: Named in the error message.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"stats_file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if _STATS_KEY in tensors:
+            moment = tensors[_STATS_KEY]
+        elif len(tensors) == 1:
+            moment = next(iter(tensors.values()))
+        else:
+            raise ValueError(
+                f"stats_file {str(path)!r} holds tensors {sorted(tensors)}; expected one named {_STATS_KEY!r} "
+                "or exactly one tensor"
+            )
+    elif suffix == ".npy":
+        import numpy as np
+
+        moment = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        raise ValueError(f"stats_file {str(path)!r}: unsupported format {suffix!r}; use .safetensors or .npy")
+    if in_dim is not None and tuple(moment.shape) != (in_dim, in_dim):
+        raise ValueError(
+            f"stats_file {str(path)!r} holds a matrix of shape {tuple(moment.shape)}, but {module_name} takes inputs "
+            f"of dimension {in_dim}: expected shape ({in_dim}, {in_dim})"
+        )
+    if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
+        raise ValueError(f"stats_file {str(path)!r} holds shape {tuple(moment.shape)}; expected a square matrix")
+    return moment.float().contiguous()
+
+
+def accumulation_dtype(dtype: Union[str, torch.dtype]) -> tuple[torch.dtype, str]:
+    """``(torch dtype, name)`` of an accumulation dtype; only float32 and float64 are accepted.
+
+    Args:
+        dtype: ``"float32"`` / ``"float64"`` (or an alias :func:`~prune_lightning.models.resolve_dtype` knows).
+    """
+    resolved = resolve_dtype(dtype)
+    if resolved not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be 'float32' or 'float64' for accumulating statistics, got {dtype!r}")
+    return resolved, str(resolved).removeprefix("torch.")
+
+
+def default_max_length(model: nn.Module) -> int:
+    context = context_length(model)
+    return min(context, _DEFAULT_MAX_LENGTH) if context else _DEFAULT_MAX_LENGTH
+
+
+def default_model_id(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or ""
+    return Path(str(name).rstrip("/")).name or type(model).__name__
+
+
+def check_request(n_samples: int, max_tokens: Optional[int]) -> None:
+    def positive_int(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+    if not positive_int(n_samples):
+        raise ValueError(f"n_samples must be a positive number of documents, got {n_samples!r}")
+    if max_tokens is not None and not positive_int(max_tokens):
+        raise ValueError(f"max_tokens must be None or a positive number of tokens, got {max_tokens!r}")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "none"
+
+
+def load_cached(path: Path, expected: dict[str, str], in_dim: Optional[int]) -> Optional[torch.Tensor]:
+    """The cached matrix if its metadata matches ``expected`` and its shape is right, else None (with a warning).
+
+    ``in_dim=None`` checks only that the matrix is square.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            moment = f.get_tensor(_STATS_KEY)
+    except Exception as err:  # unreadable / foreign file: recompute
+        rank_zero_warn(f"Ignoring unreadable statistics cache {path} ({err}); recomputing it.")
+        return None
+    stale = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
+    side = in_dim if in_dim is not None else (moment.shape[0] if moment.ndim == 2 else -1)
+    if stale or tuple(moment.shape) != (side, side):
+        rank_zero_warn(f"Statistics cache {path} does not match this request {stale or moment.shape}; recomputing it.")
+        return None
+    return moment.float()
+
+
+def save_moment(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Writes ``moment`` with its provenance ``metadata`` to ``path`` (safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_target(path) as tmp:
+        save_file({_STATS_KEY: moment}, str(tmp), metadata=metadata)
