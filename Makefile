@@ -2,7 +2,7 @@
 VENV ?= .venv
 OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo tiny test bench
+.PHONY: setup demo tiny test test-fast bench
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ tiny: setup
 
 test: setup
 	$(OFFLINE) $(VENV)/bin/python -m pytest -q
+
+# The inner loop: everything but the multi-process tests (ddp_spawn, torchrun); CI runs them all.
+test-fast: setup
+	$(OFFLINE) $(VENV)/bin/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(VENV)/bin/python benchmarks/restraint.py --quick

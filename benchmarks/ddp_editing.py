@@ -128,7 +128,7 @@ def _edit_run(mode: str, args: argparse.Namespace, requests: Path, out_dir: Path
 
     from prune_lightning import EditDataModule, SequentialEditor
     from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback
-    from prune_lightning.cli import TRAINER_DEFAULTS
+    from prune_lightning import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
     editor = ROME(layer=1, v_num_grad_steps=args.steps, v_lr=0.5, v_weight_decay=0.5, early_stop_loss=0.0,

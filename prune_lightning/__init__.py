@@ -6,7 +6,7 @@
 """
 
 from prune_lightning.data import EditDataModule, EditRequest
-from prune_lightning.module import SequentialEditor
+from prune_lightning.module import TRAINER_DEFAULTS, SequentialEditor
 
-__all__ = ["SequentialEditor", "EditDataModule", "EditRequest"]
+__all__ = ["SequentialEditor", "EditDataModule", "EditRequest", "TRAINER_DEFAULTS"]
 __version__ = "0.1.0"

@@ -23,17 +23,7 @@ from typing import Any, Optional
 from lightning.pytorch.cli import LightningCLI
 
 from prune_lightning.data import EditDataModule
-from prune_lightning.module import SequentialEditor
-
-# What makes a Trainer an editing loop: one pass over the request stream, no sanity validation, every step logged.
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_epochs": 1,
-    "num_sanity_val_steps": 0,
-    "limit_val_batches": 0,
-    "log_every_n_steps": 1,
-    "enable_model_summary": False,
-}
-
+from prune_lightning.module import TRAINER_DEFAULTS, SequentialEditor
 
 class PruneEditCLI(LightningCLI):
     """LightningCLI for sequential editing; see the module docstring for the commands."""
@@ -47,7 +37,7 @@ class PruneEditCLI(LightningCLI):
 
 
 class _DropTips(logging.Filter):
-    """Drops Lightning's advertising tips ("💡 Tip: ... try installing litlogger"): nothing a user of this tool acts on."""
+    """Drops Lightning's advertising tips ("💡 Tip: ... try installing litlogger"): nothing a user acts on here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip:")

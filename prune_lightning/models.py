@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from prune_lightning.io import atomic_target
+
 TINY_PREFIX = "tiny:"
 
 _DTYPES = {
@@ -179,18 +181,11 @@ def tiny_checkpoint(spec: str = "tiny:gpt2", cache_dir: Optional[Union[str, Path
     target = root / f"{arch}-{key}"
     if (target / "config.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{target.name}.tmp-{os.getpid()}"
     tokenizer = train_bpe_tokenizer(tiny_tokenizer_corpus(), vocab_size=settings["vocab_size"])
     model = build_tiny_model(arch, **settings)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race: keep its copy
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_target(target, keep_existing=True) as tmp:  # another process that got there first keeps its copy
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -45,20 +45,32 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from typing_extensions import override
 
 from prune_lightning import distributed
-from prune_lightning.editors.base import Editor, LowRankUpdate, Update, implements_editor
+from prune_lightning.editors.base import Editor, implements_editor
 from prune_lightning.models import is_sharded_model, load_causal_lm, load_tokenizer, shard_model
 from prune_lightning.registry import EditRegistry
+from prune_lightning.spectral import LowRankUpdate, Update
+from prune_lightning.strategies import (NoUpdates, broadcast_updates, check_same_batch, drop_ddp_anchor, fsdp_mesh,
+                                        ignore_ddp_anchor, strategy_kind, workers_end_with_run)
 
 # Both are by design here: there is no optimizer (edits are closed-form writes), and the model stays in eval mode
 # (no dropout while editors compute updates and evaluators score the model).
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+#: What makes a Trainer an editing loop: one pass over the request stream, no sanity validation, every step logged.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+    "log_every_n_steps": 1,
+    "enable_model_summary": False,
+}
 
 
 class SequentialEditor(LightningModule):
@@ -114,8 +126,8 @@ class SequentialEditor(LightningModule):
         self._split_rows = False  # the editor spreads the rows of its optimisation over the ranks
         self._even_split = False  # ... padding them to as many on every rank (a sharded model)
         self._grad_flags: dict[nn.Parameter, bool] = {}
-        self.register_state_dict_post_hook(_drop_ddp_anchor)
-        self.register_load_state_dict_post_hook(_ignore_ddp_anchor)
+        self.register_state_dict_post_hook(drop_ddp_anchor)
+        self.register_load_state_dict_post_hook(ignore_ddp_anchor)
 
     # ------------------------------------------------------------------------------------------------------------
     # set-up
@@ -126,7 +138,7 @@ class SequentialEditor(LightningModule):
         if stage != "fit":
             return
         if self._trainer is not None and self.trainer.world_size > 1:
-            if _check_strategy(self.trainer) == "replicas":
+            if strategy_kind(self.trainer) == "replicas":
                 self._prepare_replicas()
             else:  # sharded: the parameters stay as they are (no DistributedDataParallel wrapper)
                 self._replicated = self._split_rows = distributed.is_distributed()
@@ -170,7 +182,7 @@ class SequentialEditor(LightningModule):
             param.requires_grad_(flag)
         self._grad_flags = {}
         self._replicated = self._split_rows = self._even_split = False
-        if self._trainer is not None and _workers_end_with_run(self.trainer) and dist.is_initialized():
+        if self._trainer is not None and workers_end_with_run(self.trainer) and dist.is_initialized():
             # ddp_spawn / ddp_fork: this worker process ends now. Destroying the group avoids the intermittent
             # "terminate called without an active exception" (exit 134) at exit (STACK.md).
             dist.barrier()
@@ -208,7 +220,7 @@ class SequentialEditor(LightningModule):
         # checkpoints its optimizers with torch's get_optimizer_state_dict, which needs a real one: there it gets
         # one whose step() does nothing.
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return _NoUpdates([next(self.model.parameters())])
+            return NoUpdates([next(self.model.parameters())])
         return None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -223,7 +235,7 @@ class SequentialEditor(LightningModule):
     def training_step(self, batch: Sequence, batch_idx: int) -> None:
         start = time.perf_counter()
         if self._replicated:
-            _check_same_batch(batch, batch_idx)
+            check_same_batch(batch, batch_idx)
         metrics = self.apply_edit(batch)
         metrics["edit/seconds"] = time.perf_counter() - start
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
@@ -243,7 +255,7 @@ class SequentialEditor(LightningModule):
                 f"parameter_names() {self.edited_parameter_names}"
             )
         if self._replicated:
-            updates = _broadcast_updates(updates)
+            updates = broadcast_updates(updates)
         metrics: dict[str, float] = {}
         with torch.no_grad():
             for name, update in updates.items():
@@ -373,109 +385,6 @@ class SequentialEditor(LightningModule):
         os.replace(tmp, path)
         self.print(f"Edited model saved to {path}")
         return path
-
-
-def _check_strategy(trainer: Trainer) -> str:
-    """``"replicas"`` (a DDPStrategy) or ``"shards"`` (ModelParallelStrategy: FSDP2); refuses the other strategies."""
-    strategy = trainer.strategy
-    name = type(strategy).__name__
-    if isinstance(strategy, ModelParallelStrategy):
-        return "shards"
-    if isinstance(strategy, DDPStrategy):
-        return "replicas"
-    if "DeepSpeed" in name:
-        raise NotImplementedError(
-            f"SequentialEditor does not support {name}: DeepSpeed partitions the parameters and wraps their "
-            "updates, while an edit writes whole matrices in closed form. Use strategy='ddp', or "
-            "ModelParallelStrategy to shard the model (FSDP2)."
-        )
-    if "FSDP" in name:
-        raise NotImplementedError(
-            f"SequentialEditor does not support {name}: it wraps the model in FSDP1, whose flattened parameter "
-            "shards an edit cannot address as matrices. Shard with FSDP2 instead: strategy "
-            "lightning.pytorch.strategies.ModelParallelStrategy (configs/llama2-7b/rome-fsdp.yaml), or use "
-            "strategy='ddp' when the model fits one device."
-        )
-    raise NotImplementedError(
-        f"SequentialEditor runs on {trainer.world_size} processes only under a DDPStrategy ('ddp', 'ddp_spawn', "
-        f"...: a whole replica of the model on every rank) or ModelParallelStrategy (FSDP2 shards); got {name}."
-    )
-
-
-def fsdp_mesh(mesh: Any) -> Any:
-    """The mesh to shard over, from ModelParallelStrategy's ``(data_parallel, tensor_parallel)`` mesh: the one
-    dimension larger than 1 (all processes), or both - replicated across the first, sharded within the second (HSDP).
-    """
-    data, shards = mesh["data_parallel"], mesh["tensor_parallel"]
-    if shards.size() == 1:
-        return data
-    if data.size() == 1:
-        return shards
-    return mesh
-
-
-class _NoUpdates(torch.optim.SGD):
-    """An optimizer that changes nothing: edits are closed-form writes. Its ``step()`` advances ``global_step``
-    (as the mock optimizer's does) and counts itself in its state - a state Lightning's sharded checkpoints can save
-    and load (an empty one they cannot load)."""
-
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        super().__init__(params, lr=0.0)
-        for group in self.param_groups:
-            for param in group["params"]:
-                # One dimension, on the parameter's device: torch's loader of a whole (rank-0) optimizer state
-                # broadcasts its tensors from there and finds the device by the non-scalar ones.
-                self.state[param]["step"] = torch.zeros(1, dtype=torch.float32, device=param.device)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for state in self.state.values():
-            state["step"] += 1
-        return None
-
-
-def _workers_end_with_run(trainer: Trainer) -> bool:
-    """Whether the processes of this run end with it (``ddp_spawn`` / ``ddp_fork``), not with the script."""
-    return getattr(trainer.strategy, "_start_method", "popen") != "popen"
-
-
-def _check_same_batch(batch: Sequence, batch_idx: int) -> None:
-    """Raises on every rank if the ranks received different requests (a loader split by a distributed sampler)."""
-    if not distributed.same_on_all_ranks(list(batch)):
-        raise RuntimeError(
-            f"The ranks received different edit batches at batch {batch_idx}: sequential editing needs every rank "
-            "to edit the same requests in the same order (a distributed sampler split the stream?). Use "
-            "EditDataModule, whose train loader is never split, or give every rank the whole stream."
-        )
-
-
-def _broadcast_updates(updates: dict[str, Update]) -> dict[str, Update]:
-    """Rank 0's updates on every rank: each rank computed the same ones, up to the last bits of its own arithmetic."""
-    out: dict[str, Update] = {}
-    for name in sorted(updates):
-        update = updates[name]
-        if isinstance(update, LowRankUpdate):
-            left, right = update.left, update.right
-            if left.dtype == right.dtype and left.device == right.device:
-                flat = distributed.broadcast_(torch.cat([left.reshape(-1), right.reshape(-1)]))
-                left, right = flat[: left.numel()].view_as(left), flat[left.numel():].view_as(right)
-            else:
-                left, right = distributed.broadcast_(left.clone()), distributed.broadcast_(right.clone())
-            out[name] = LowRankUpdate(left, right)
-        else:
-            out[name] = distributed.broadcast_(update.detach().clone())
-    return out
-
-
-def _drop_ddp_anchor(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """State-dict hook: the DDP anchor parameter is not part of the model and never saved."""
-    state_dict.pop(prefix + "ddp_anchor", None)
-
-
-def _ignore_ddp_anchor(module: nn.Module, incompatible_keys: Any) -> None:
-    """Load hook: a module with the DDP anchor loads checkpoints without it."""
-    keys = incompatible_keys.missing_keys
-    keys[:] = [key for key in keys if key != "ddp_anchor" and not key.endswith(".ddp_anchor")]
 
 
 def _frobenius_norm(update: Update) -> float:

@@ -28,9 +28,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from prune_lightning.editors.base import Update
 from prune_lightning.models import full_weight, get_parameter, is_sharded, write_weight
-from prune_lightning.spectral import DeltaTracker, spectral_norm
+from prune_lightning.spectral import DeltaTracker, Update, spectral_norm
 
 __all__ = ["EditRegistry", "EditedMatrix", "find_registry", "full_weight", "is_sharded", "matches", "write_weight"]
 

@@ -47,7 +47,7 @@ def _fit(accelerator: str, out: Path, label: str, dtype: str = "float32", strate
 
     from prune_lightning import EditDataModule, SequentialEditor
     from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback
-    from prune_lightning.cli import TRAINER_DEFAULTS
+    from prune_lightning import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
     editor = ROME(**ROME_SETTINGS, mom2_corpus=str(REPO / "configs/data/tiny-corpus.txt"))

@@ -118,7 +118,7 @@ def make_trainer(tmp_path):
         from lightning.pytorch import Trainer
         from lightning.pytorch.loggers import CSVLogger
 
-        from prune_lightning.cli import TRAINER_DEFAULTS
+        from prune_lightning import TRAINER_DEFAULTS
 
         root = Path(root or tmp_path)
         settings = dict(TRAINER_DEFAULTS)

@@ -84,7 +84,7 @@ def fit(devices: int, root: Path, requests_file: Path, tasks: list, corpus: str,
         checkpoint_dir: Optional[Path] = None, ckpt_path: Optional[Path] = None) -> SequentialEditor:
     """One fit of the ``N_EDITS`` requests (or the first ``max_steps``); logs into ``root/logs-<label>``, results into
     ``root/<label>-rank<r>.pt``; with ``checkpoint_dir``, a checkpoint after every edit (``last.ckpt`` the latest)."""
-    from prune_lightning.cli import TRAINER_DEFAULTS
+    from prune_lightning import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
     label = label or f"world{devices}"

@@ -29,7 +29,7 @@ def edit_runs(tmp_path_factory, rome_settings, requests_file):
     """The same 20 ROME edits on tiny GPT-2: without restraint, with PRUNE online and with PRUNE post hoc."""
     from lightning.pytorch import Trainer
 
-    from prune_lightning.cli import TRAINER_DEFAULTS
+    from prune_lightning import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
     runs = {}

@@ -84,7 +84,7 @@ def _probe_collectives_and_rome(pl_module, request) -> dict:
     from prune_lightning import distributed
     from prune_lightning.editors.base import LowRankUpdate
     from prune_lightning.models import get_module
-    from prune_lightning.module import _broadcast_updates, _check_same_batch
+    from prune_lightning.strategies import broadcast_updates, check_same_batch
 
     rank = distributed.rank()
     out: dict = {"sum": distributed.all_reduce_sum_(torch.tensor([1.0 + rank, 10.0])).tolist(),
@@ -92,15 +92,15 @@ def _probe_collectives_and_rome(pl_module, request) -> dict:
                                                      ).tolist(),
                  "max": distributed.all_reduce_max_(torch.tensor([rank, -rank])).tolist(), "error": ""}
     try:
-        _check_same_batch(["same"], 0)
-        _check_same_batch([f"differs on rank {rank}"], 1)
+        check_same_batch(["same"], 0)
+        check_same_batch([f"differs on rank {rank}"], 1)
     except RuntimeError as err:
         out["error"] = str(err)
     update = LowRankUpdate(torch.full((3, 1), float(rank)), torch.full((2, 1), float(rank + 5)))
-    (received,) = _broadcast_updates({"w": update}).values()
+    (received,) = broadcast_updates({"w": update}).values()
     out["factors"] = [received.left.flatten().tolist(), received.right.flatten().tolist()]
     if distributed.world_size() > 1:  # a restraint's result travels from the rank that computed it (here rank 1)
-        from prune_lightning.callbacks._restraint import _share_restraint
+        from prune_lightning.strategies import broadcast_restraint
         from prune_lightning.spectral import DeltaTracker
 
         for layout in ("lowrank", "dense", "empty", "unchanged"):
@@ -110,7 +110,7 @@ def _probe_collectives_and_rome(pl_module, request) -> dict:
             if rank == 1 and layout == "dense":
                 tracker.set_dense(tracker.dense())
             values = {"value": 2.0, "changed": float(layout != "unchanged")} if rank == 1 else None
-            shared = _share_restraint(tracker, values, src=1)
+            shared = broadcast_restraint(tracker, values, src=1)
             out[f"share_{layout}"] = [shared, "empty" if tracker.is_empty else "lowrank" if tracker.is_lowrank
                                       else "dense", tracker.dense().tolist()]
     editor, model, tokenizer = pl_module.editor, pl_module.model, pl_module.tokenizer
@@ -137,6 +137,7 @@ def ddp_runs(tmp_path_factory, tiny_corpus):
                 single_module=single_module, parent_module=parent_module)
 
 
+@pytest.mark.slow
 def test_collectives_and_rome_split_match_one_process(ddp_runs):
     single, ranks = ddp_runs["single"]["probe"], [out["probe"] for out in ddp_runs["ranks"]]
     assert single["split"] == [0, 1] and single["error"] == "" and single["factors"] == [[0.0] * 3, [5.0] * 2]
@@ -160,6 +161,7 @@ def test_collectives_and_rome_split_match_one_process(ddp_runs):
     assert ranks[0]["share_unchanged"][2] == [[7.0] * 3] * 4 and ranks[1]["share_unchanged"][2] == [[1.0] * 3] * 4
 
 
+@pytest.mark.slow
 def test_ddp_ranks_end_with_the_single_process_weights(ddp_runs):
     single, ranks = ddp_runs["single"], ddp_runs["ranks"]
     _assert_same_weights(single, ranks)
@@ -198,10 +200,12 @@ def _assert_same_histories(single: dict, ranks: list[dict]) -> None:
         assert ranks[0][key] == ranks[1][key]  # the same history on every rank
 
 
+@pytest.mark.slow
 def test_ddp_scores_and_spectra_equal_the_single_process_ones(ddp_runs):
     _assert_same_histories(ddp_runs["single"], ddp_runs["ranks"])
 
 
+@pytest.mark.slow
 def test_ddp_freezes_the_model_for_the_fit_and_keeps_the_anchor_out_of_checkpoints(ddp_runs):
     single, ranks = ddp_runs["single"], ddp_runs["ranks"]
     assert single["requires_grad"] and not any(out["requires_grad"] for out in ranks)
@@ -223,18 +227,31 @@ def test_the_ddp_anchor_is_neither_saved_nor_required_when_loading():
 
 
 def test_deepspeed_and_fsdp1_are_refused_ddp_and_model_parallel_accepted():
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                              SingleDeviceStrategy)
 
-    from prune_lightning.module import _check_strategy
+    from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback
+    from prune_lightning.strategies import strategy_kind
 
-    for name, match in [("DeepSpeedStrategy", "does not support DeepSpeedStrategy"),
-                        ("FSDPStrategy", "does not support FSDPStrategy: it wraps the model in FSDP1"),
-                        ("XLAStrategy", "only under a DDPStrategy .* or ModelParallelStrategy")]:
-        trainer = SimpleNamespace(strategy=type(name, (), {})(), world_size=2)
+    class DeepSpeedSubclass(DeepSpeedStrategy):  # refused by type, also a subclass: not by its name
+        pass
+
+    refused = [(DeepSpeedSubclass, "does not support DeepSpeedSubclass: DeepSpeed partitions"),
+               (FSDPStrategy, "does not support FSDPStrategy: it wraps the model in FSDP1")]
+    for cls, match in refused:
+        trainer = SimpleNamespace(strategy=cls.__new__(cls), world_size=2)  # no __init__: DeepSpeed needs deepspeed
         with pytest.raises(NotImplementedError, match=match):
-            _check_strategy(trainer)
-    assert _check_strategy(SimpleNamespace(strategy=DDPStrategy(), world_size=2)) == "replicas"
-    assert _check_strategy(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2)) == "shards"
+            strategy_kind(trainer)
+        for callback in (PRUNECallback(), ConditionNumberMonitor()):  # the callbacks refuse the same, by type
+            owner_match = match.replace("does not", f"{type(callback).__name__} does not")
+            with pytest.raises(NotImplementedError, match=owner_match):
+                callback.setup(trainer, None, "fit")
+    named_like = SimpleNamespace(strategy=type("FSDPStrategyLookalike", (SingleDeviceStrategy,), {})("cpu"),
+                                 world_size=2)
+    with pytest.raises(NotImplementedError, match="only under a DDPStrategy .* or ModelParallelStrategy"):
+        strategy_kind(named_like)  # a name that contains "FSDP" is not what decides
+    assert strategy_kind(SimpleNamespace(strategy=DDPStrategy(), world_size=2)) == "replicas"
+    assert strategy_kind(SimpleNamespace(strategy=ModelParallelStrategy(), world_size=2)) == "shards"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -260,6 +277,7 @@ def fsdp_run(ddp_runs, tiny_corpus, repo_dir):
     return [torch.load(ddp_runs["root"] / f"fsdp-rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_fsdp_ranks_hold_shards_and_end_with_the_single_process_weights(ddp_runs, fsdp_run):
     single = ddp_runs["single"]
     _assert_same_weights(single, fsdp_run)
@@ -272,12 +290,14 @@ def test_fsdp_ranks_hold_shards_and_end_with_the_single_process_weights(ddp_runs
     assert all(out["state_dict_keys"] == single["state_dict_keys"] for out in fsdp_run)
 
 
+@pytest.mark.slow
 def test_fsdp_scores_and_spectra_equal_the_single_process_ones(ddp_runs, fsdp_run):
     """The evaluators shard odd numbers of examples across the ranks: distributed.lockstep keeps the sharded
     model's forwards paired (without it the run would hang)."""
     _assert_same_histories(ddp_runs["single"], fsdp_run)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_to_the_single_process_weights(ddp_runs, tiny_corpus, repo_dir):
     """A sharded run checkpoints (whole matrices, rank 0's file: the shipped config's setting) after each of 3 edits;
     a new run resumed from the last one edits the other 7 and ends where the uninterrupted runs end."""
@@ -294,6 +314,7 @@ def test_fsdp_checkpoint_resumes_to_the_single_process_weights(ddp_runs, tiny_co
         assert [h["step"] for h in out["condition"]] == [h["step"] for h in single["condition"]]
 
 
+@pytest.mark.slow
 def test_fsdp_validate_scores_the_requests_as_one_process_does(ddp_runs, fsdp_run, tmp_path):
     """``validate`` on the sharded model: each rank a shard of the 10 requests, in as many batches, summed."""
     from lightning.pytorch import Trainer
@@ -310,6 +331,7 @@ def test_fsdp_validate_scores_the_requests_as_one_process_does(ddp_runs, fsdp_ru
             assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_fsdp_rank_zero_saves_the_whole_edited_model(ddp_runs, fsdp_run):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM

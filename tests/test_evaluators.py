@@ -150,7 +150,7 @@ def evaluated_fit(tmp_path_factory, tiny_corpus):
     """Four ROME edits of tiny GPT-2 with both evaluators; general abilities every 3 edits, edit quality every 2."""
     from lightning.pytorch import Trainer
 
-    from prune_lightning.cli import TRAINER_DEFAULTS
+    from prune_lightning import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
     root = tmp_path_factory.mktemp("evaluated-fit")

@@ -65,7 +65,7 @@ def _fully_shard(model, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from prune_lightning.models import decoder_layers, is_sharded_model, shard_model
-    from prune_lightning.module import fsdp_mesh
+    from prune_lightning.strategies import fsdp_mesh
 
     assert decoder_layers(model) == list(model.transformer.h)
     shape = (2, 2) if world_size == 4 else (1, world_size)
@@ -106,6 +106,7 @@ def _worker(rank: int, world_size: int, init_file: str, model_dir: str, out_dir:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4], ids=["fsdp-2", "hsdp-2x2"])
 def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path, tiny_model_dir, world_size):
     results = _on_ranks(_worker, tmp_path, tiny_model_dir, "rank", world_size=world_size)
@@ -129,7 +130,7 @@ def test_prune_and_kappa_on_a_sharded_matrix_equal_the_unsharded_result(tmp_path
 
 
 def test_the_sharding_mesh_is_the_one_dimension_with_several_ranks_or_both():
-    from prune_lightning.module import fsdp_mesh
+    from prune_lightning.strategies import fsdp_mesh
 
     class Mesh(dict):
         def size(self):
@@ -194,6 +195,7 @@ def _edit_worker(rank: int, world_size: int, init_file: str, model_dir: str, out
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_rome_and_memit_on_a_sharded_model_give_the_unsharded_updates(tmp_path, tiny_model_dir):
     """The editors gather the edited matrices (and only them) for ``W k*`` and their writes within a batch (ROME:
     request after request; MEMIT: layer after layer), and restore the shards. With their rows split evenly over 3
@@ -238,6 +240,7 @@ def _lockstep_worker(rank: int, world_size: int, init_file: str, model_dir: str,
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_lockstep_pairs_the_forwards_of_ranks_with_uneven_work(tmp_path, tiny_model_dir):
     """Under FSDP every forward is a collective: without lockstep, rank 0's second forward would wait forever."""
     for rank, result in enumerate(_on_ranks(_lockstep_worker, tmp_path, tiny_model_dir, "lockstep")):

@@ -326,6 +326,7 @@ def test_prune_edit_stats_fills_the_cache_that_rome_reads(corpus, capsys, monkey
     torch.testing.assert_close(editor._solve_mom2(key), torch.linalg.lu_solve(lu, pivots, key[:, None])[:, 0])
 
 
+@pytest.mark.slow
 def test_ddp_spawn_all_reduces_to_the_single_process_result(tiny_arch, lm, corpus, tmp_path):
     if tiny_arch != "gpt2":
         pytest.skip("one architecture is enough for the distributed path")
@@ -361,6 +362,7 @@ def _nested_worker(rank, world, init_file, model_dir, modules, corpus, cache, ou
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_nested_in_a_distributed_program_shards_and_all_reduces(tiny_arch, lm, corpus, tmp_path):
     if tiny_arch != "gpt2":
         pytest.skip("one architecture is enough for the distributed path")

@@ -269,4 +269,5 @@ def test_memit_targets_are_the_block_output_plus_delta(lm, tiny_arch):
     (trace,) = editor.last_trace
     assert float(trace.delta.norm()) == pytest.approx(0.05 * float(h["out"].norm()), rel=1e-5)
     torch.testing.assert_close(trace.target, h["out"] + trace.delta, rtol=1e-4, atol=1e-5)
-    assert editor.context_template_groups == [["{}"], TEMPLATES[1:]]  # a flat list is grouped as memit_main groups its templates
+    # A flat list is grouped as memit_main groups its templates: the plain prompt alone, the others together.
+    assert editor.context_template_groups == [["{}"], TEMPLATES[1:]]

@@ -91,33 +91,6 @@ class MatrixCallback(Callback):
             self._pending_registry_state = state["registry"]
 
 
-def run_after_restraints(trainer: Trainer, callback: Callback) -> None:
-    """Moves ``callback`` behind every restraint callback (PRUNE, RECT) in ``trainer.callbacks``.
-
-    Lightning calls callbacks in list order, so a monitor listed before PRUNE - easily done when fragments are
-    appended with ``--trainer.callbacks+=`` - would measure each write before its restraint. Measuring callbacks call
-    this in ``setup`` so they always see the restrained model (Lightning moves checkpoint callbacks last the same
-    way).
-    """
-    from prune_lightning.callbacks._restraint import RestraintCallback
-
-    callbacks = list(trainer.callbacks)
-    last_restraint = max((i for i, c in enumerate(callbacks) if isinstance(c, RestraintCallback)), default=-1)
-    position = callbacks.index(callback)
-    if position < last_restraint:
-        callbacks.insert(last_restraint, callbacks.pop(position))
-        # A new list: Lightning is iterating the old one right now (this runs inside the setup hook loop), and
-        # reordering it in place would skip the setup of the callback that slides into the freed slot.
-        trainer.callbacks = callbacks
-
-
-def post_hoc_restraint(trainer: Trainer) -> bool:
-    """Whether a restraint callback rewrites the model in ``on_train_end`` (PRUNE / RECT with ``mode="post_hoc"``)."""
-    from prune_lightning.callbacks._restraint import RestraintCallback
-
-    return any(isinstance(c, RestraintCallback) and c.mode == "post_hoc" for c in trainer.callbacks)
-
-
 def short_name(name: str) -> str:
     """A parameter name for metric keys: ``transformer.h.17.mlp.c_proj.weight`` -> ``transformer.h.17.mlp.c_proj``."""
     return name[: -len(".weight")] if name.endswith(".weight") else name
@@ -139,5 +112,4 @@ def _as_tensor(value: float):
     return torch.tensor(float(value))
 
 
-__all__ = ["MatrixCallback", "log_metrics", "post_hoc_restraint", "run_after_restraints", "short_name",
-           "normalize_patterns"]
+__all__ = ["MatrixCallback", "log_metrics", "normalize_patterns", "short_name"]

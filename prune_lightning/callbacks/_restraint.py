@@ -33,22 +33,21 @@ identical whatever the kernels do, plus parallelism over matrices.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from prune_lightning import distributed
 from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, short_name
+from prune_lightning.callbacks._schedule import EditSchedule, Scheduled
+from prune_lightning.strategies import broadcast_restraint, refuse_flattened_shards
 from prune_lightning.registry import EditedMatrix
-from prune_lightning.spectral import DeltaTracker
 
 _MODES = ("online", "post_hoc")
 
 
-class RestraintCallback(MatrixCallback):
+class RestraintCallback(Scheduled, MatrixCallback):
     """Base class: when to restrain, bookkeeping, logging, checkpoint state.
 
     Args:
@@ -61,6 +60,8 @@ class RestraintCallback(MatrixCallback):
 
     #: Prefix of the logged metric keys, e.g. ``prune/<matrix>/...``.
     metric_prefix = "restraint"
+    #: Marks a callback that rewrites the weights (measuring callbacks run after it; see ``_schedule``).
+    rewrites_weights = True
 
     def __init__(
         self,
@@ -73,12 +74,9 @@ class RestraintCallback(MatrixCallback):
         name = type(self).__name__
         if mode not in _MODES:
             raise ValueError(f"{name}: mode must be one of {_MODES}, got {mode!r}")
-        if every_n_edits < 1:
-            raise ValueError(f"{name}: every_n_edits must be >= 1, got {every_n_edits}")
         self.mode = mode
-        self.every_n_edits = every_n_edits
+        self.schedule = EditSchedule(name, every_n_edits)
         self.restraints = 0
-        self.last_step = -1
         self.history: list[dict[str, Any]] = []
 
     def restrain_matrix(self, entry: EditedMatrix) -> dict[str, float]:
@@ -87,23 +85,17 @@ class RestraintCallback(MatrixCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support {strategy}: its flattened parameter shards are not matrices. "
-                "Shard with FSDP2 (ModelParallelStrategy), whose sharded matrices it gathers, or use DDP."
-            )
+        refuse_flattened_shards(trainer, type(self).__name__)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.mode == "online" and step != self.last_step and step % self.every_n_edits == 0:
+        if self.mode == "online" and self.schedule.after_write(trainer):
             self.restrain(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.mode == "post_hoc" and trainer.global_step != self.last_step:
+        if self.mode == "post_hoc" and self.schedule.at_end(trainer):
             self.restrain(trainer, pl_module)
 
     def restrain(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
@@ -119,7 +111,7 @@ class RestraintCallback(MatrixCallback):
             results[i] = self.restrain_matrix(registry[names[i]])
         if world_size > 1:
             for i, name in enumerate(names):
-                results[i] = _share_restraint(registry[name].delta, results.get(i), src=i % world_size)
+                results[i] = broadcast_restraint(registry[name].delta, results.get(i), src=i % world_size)
         metrics: dict[str, float] = {}
         for i, name in enumerate(names):
             values = results[i]
@@ -129,65 +121,18 @@ class RestraintCallback(MatrixCallback):
             metrics.update({f"{self.metric_prefix}/{short_name(name)}/{k}": float(v) for k, v in values.items()})
             self.history.append({"step": step, "name": name, **values})
         self.restraints += 1
-        self.last_step = step
+        self.schedule.done(trainer)
         log_metrics(trainer, metrics, step)
         return metrics
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"restraints": self.restraints, "last_step": self.last_step, "history": list(self.history),
+        return {"restraints": self.restraints, **self.schedule.state_dict(), "history": list(self.history),
                 **self._registry_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restraints = int(state_dict.get("restraints", 0))
-        self.last_step = int(state_dict.get("last_step", -1))
+        self.schedule.load_state_dict(state_dict)
         self.history = list(state_dict.get("history", []))
         self._load_registry_state(state_dict)
-
-
-_LAYOUTS = ("empty", "lowrank", "dense")
-
-
-def _share_restraint(tracker: DeltaTracker, values: Optional[dict[str, float]], src: int) -> dict[str, float]:
-    """Rank ``src``'s restraint of one matrix on every rank: its logged values and, if it changed, its update.
-
-    Args:
-        tracker: This rank's tracker of the matrix; rank ``src`` restrained its own, the others receive it.
-        values: What ``restrain_matrix`` returned on rank ``src`` (``None`` elsewhere).
-        src: The rank that restrained the matrix.
-    """
-    mine = distributed.rank() == src
-    header: list[Any] = [None]
-    if mine:
-        layout = None
-        if values.get("changed", 1.0):
-            state = tracker.state_dict()
-            columns = state["left"].shape[1] if state["mode"] == "lowrank" else 0
-            layout = (state["mode"], columns, state["compressed_columns"])
-        header = [{"values": values, "layout": layout}]
-    dist.broadcast_object_list(header, src=src)  # a few floats and ints
-    values, layout = header[0]["values"], header[0]["layout"]
-    if layout is None:
-        return values
-    mode, columns, compressed = layout
-    m, n = tracker.shape
-    if mode == "lowrank":
-        if mine:
-            left, right = tracker.factors()
-            flat = torch.cat([left.reshape(-1), right.reshape(-1)])
-        else:
-            flat = torch.empty((m + n) * columns, dtype=tracker.dtype, device=tracker.device)
-        distributed.broadcast_(flat, src=src)
-        if not mine:
-            tracker.load_state_dict({"shape": [m, n], "mode": "lowrank", "compressed_columns": compressed,
-                                     "left": flat[: m * columns].view(m, columns),
-                                     "right": flat[m * columns:].view(n, columns)})
-    elif mode == "dense":
-        delta = tracker.dense() if mine else torch.empty(m, n, dtype=tracker.dtype, device=tracker.device)
-        distributed.broadcast_(delta, src=src)
-        if not mine:
-            tracker.load_state_dict({"shape": [m, n], "mode": "dense", "delta": delta})
-    elif not mine:
-        tracker.load_state_dict({"shape": [m, n], "mode": "empty"})
-    return values

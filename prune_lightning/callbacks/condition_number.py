@@ -36,11 +36,13 @@ import torch
 
 from prune_lightning import distributed
 from prune_lightning.registry import is_sharded
-from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, run_after_restraints, short_name
+from prune_lightning.callbacks._matrices import MatrixCallback, log_metrics, short_name
+from prune_lightning.callbacks._schedule import EditSchedule, Scheduled, run_after_restraints
+from prune_lightning.strategies import refuse_flattened_shards
 from prune_lightning.spectral import singular_value_extremes
 
 
-class ConditionNumberMonitor(MatrixCallback):
+class ConditionNumberMonitor(Scheduled, MatrixCallback):
     """Logs ``kappa(W)``, ``sigma_max(W)``, ``sigma_min(W)`` and ``sigma_max(dW)`` of the edited matrices.
 
     Args:
@@ -57,10 +59,7 @@ class ConditionNumberMonitor(MatrixCallback):
         offload_w0: bool = False,
     ) -> None:
         super().__init__(modules=modules, offload_w0=offload_w0)
-        if every_n_edits < 1:
-            raise ValueError(f"ConditionNumberMonitor: every_n_edits must be >= 1, got {every_n_edits}")
-        self.every_n_edits = every_n_edits
-        self.last_step = -1
+        self.schedule = EditSchedule("ConditionNumberMonitor", every_n_edits)
         self.history: list[dict[str, Any]] = []
         self._w0_extremes: dict[str, tuple[float, float]] = {}
 
@@ -70,24 +69,18 @@ class ConditionNumberMonitor(MatrixCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise NotImplementedError(
-                f"ConditionNumberMonitor does not support {strategy}: its flattened parameter shards are not matrices. "
-                "Shard with FSDP2 (ModelParallelStrategy), whose sharded matrices it gathers, or use DDP."
-            )
+        refuse_flattened_shards(trainer, type(self).__name__)
         run_after_restraints(trainer, self)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step == 0 and self.last_step < 0:
+        if self.schedule.at_start(trainer):
             self.measure(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step != self.last_step and step % self.every_n_edits == 0:
+        if self.schedule.after_write(trainer):
             self.measure(trainer, pl_module)
 
     @override
@@ -119,7 +112,7 @@ class ConditionNumberMonitor(MatrixCallback):
                             f"{key}/sigma_min": sigma_min, f"{key}/sigma_max_dW": sigma_max_dw})
             self.history.append({"step": step, "name": name, "kappa": kappa, "sigma_max": sigma_max,
                                  "sigma_min": sigma_min, "sigma_max_dW": sigma_max_dw, "final": final})
-        self.last_step = step
+        self.schedule.done(trainer)
         log_metrics(trainer, metrics, step)
         return metrics
 
@@ -139,11 +132,11 @@ class ConditionNumberMonitor(MatrixCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "history": list(self.history), **self._registry_state()}
+        return {**self.schedule.state_dict(), "history": list(self.history), **self._registry_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step = int(state_dict.get("last_step", -1))
+        self.schedule.load_state_dict(state_dict)
         self.history = list(state_dict.get("history", []))
         self._load_registry_state(state_dict)
 

@@ -52,7 +52,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from prune_lightning import distributed
-from prune_lightning.callbacks._matrices import log_metrics, post_hoc_restraint, run_after_restraints
+from prune_lightning.callbacks._matrices import log_metrics
+from prune_lightning.callbacks._schedule import EditSchedule, Scheduled, run_after_restraints
 from prune_lightning.data.requests import EditRequest
 from prune_lightning.generation import find_language_model
 from prune_lightning.metrics.edit import CounterFactScore, ZsREScore
@@ -82,7 +83,7 @@ def _kind(request: EditRequest) -> str:
     return "counterfact" if request.target_true is not None else "zsre"
 
 
-class EditQualityEvaluator(Callback):
+class EditQualityEvaluator(Scheduled, Callback):
     """Logs efficacy / generalization / locality of the requests edited so far, every n edits and at the end.
 
     Args:
@@ -94,17 +95,14 @@ class EditQualityEvaluator(Callback):
     """
 
     def __init__(self, every_n_edits: int = 10, batch_size: int = 16, pre_edit: bool = True) -> None:
-        if isinstance(every_n_edits, bool) or not isinstance(every_n_edits, int) or every_n_edits < 1:
-            raise ValueError(f"EditQualityEvaluator: every_n_edits must be an int >= 1, got {every_n_edits!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"EditQualityEvaluator: batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(pre_edit, bool):
             raise ValueError(f"EditQualityEvaluator: pre_edit must be a bool, got {pre_edit!r}")
-        self.every_n_edits = every_n_edits
+        self.schedule = EditSchedule("EditQualityEvaluator", every_n_edits)
         self.batch_size = batch_size
         self.pre_edit = pre_edit
         self.requests: list[EditRequest] = []
-        self.last_step = -1
         self.history: list[dict[str, Any]] = []
         # Running sums of the pre-edit metrics' states (kind -> state name -> value), plain floats for checkpoints.
         self._pre_states: dict[str, dict[str, float]] = {}
@@ -145,13 +143,12 @@ class EditQualityEvaluator(Callback):
                 for name, value in state.items():
                     totals[name] = totals.get(name, 0.0) + value
             self._pending_pre = None
-        step = trainer.global_step
-        if step != self.last_step and step % self.every_n_edits == 0:
+        if self.schedule.after_write(trainer):
             self.evaluate(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self.last_step or post_hoc_restraint(trainer):
+        if self.schedule.at_end(trainer, after_restraints=True):
             self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -205,7 +202,7 @@ class EditQualityEvaluator(Callback):
             _, kind, score = key.split("/")
             self.history.append({"step": step, "kind": kind, "score": score, "value": value,
                                  "pre_edit": key.startswith("edit_quality_pre/"), "requests": len(self.requests)})
-        self.last_step = step
+        self.schedule.done(trainer)
         log_metrics(trainer, values, step)
         return values
 
@@ -223,7 +220,7 @@ class EditQualityEvaluator(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "requests": [request.to_dict() for request in self.requests],
-            "last_step": self.last_step,
+            **self.schedule.state_dict(),
             "history": [dict(row) for row in self.history],
             "pre_states": {kind: dict(state) for kind, state in self._pre_states.items()},
         }
@@ -231,7 +228,7 @@ class EditQualityEvaluator(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.requests = [EditRequest.from_dict(data) for data in state_dict.get("requests", [])]
-        self.last_step = int(state_dict.get("last_step", -1))
+        self.schedule.load_state_dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
         self._pre_states = {kind: {k: float(v) for k, v in state.items()}
                             for kind, state in state_dict.get("pre_states", {}).items()}

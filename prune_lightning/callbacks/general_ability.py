@@ -37,7 +37,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from prune_lightning.callbacks._matrices import log_metrics, post_hoc_restraint, run_after_restraints
+from prune_lightning.callbacks._matrices import log_metrics
+from prune_lightning.callbacks._schedule import EditSchedule, Scheduled, run_after_restraints
 from prune_lightning.data.tasks import TaskExample, get_task, load_task
 from prune_lightning.generation import find_language_model, generate_batched
 
@@ -94,7 +95,7 @@ def _as_task_config(task: Any, index: int) -> TaskConfig:
     return config
 
 
-class GeneralAbilityEvaluator(Callback):
+class GeneralAbilityEvaluator(Scheduled, Callback):
     """Scores downstream tasks (GSM8K, SAMSum, NQ, RTE, ...) on the model at edit 0, every n edits and at the end.
 
     Args:
@@ -115,8 +116,6 @@ class GeneralAbilityEvaluator(Callback):
             raise ValueError(f"GeneralAbilityEvaluator: tasks must be a list of task configs, got {tasks!r}")
         if not tasks:
             raise ValueError("GeneralAbilityEvaluator: tasks is empty; give at least one task (name and source)")
-        if isinstance(every_n_edits, bool) or not isinstance(every_n_edits, int) or every_n_edits < 1:
-            raise ValueError(f"GeneralAbilityEvaluator: every_n_edits must be an int >= 1, got {every_n_edits!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"GeneralAbilityEvaluator: batch_size must be an int >= 1, got {batch_size!r}")
         self.tasks = [_as_task_config(task, i) for i, task in enumerate(tasks)]
@@ -126,9 +125,8 @@ class GeneralAbilityEvaluator(Callback):
             raise ValueError(
                 f"GeneralAbilityEvaluator: task(s) {duplicates} listed more than once; their metrics would share keys"
             )
-        self.every_n_edits = every_n_edits
+        self.schedule = EditSchedule("GeneralAbilityEvaluator", every_n_edits)
         self.batch_size = batch_size
-        self.last_step = -1
         self.history: list[dict[str, Any]] = []
         self._examples: Optional[dict[str, list[TaskExample]]] = None
 
@@ -151,19 +149,18 @@ class GeneralAbilityEvaluator(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step == 0 and self.last_step < 0:
+        if self.schedule.at_start(trainer):
             self.evaluate(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step != self.last_step and step % self.every_n_edits == 0:
+        if self.schedule.after_write(trainer):
             self.evaluate(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self.last_step or post_hoc_restraint(trainer):
+        if self.schedule.at_end(trainer, after_restraints=True):
             self.evaluate(trainer, pl_module)
         self._log_table(trainer)
 
@@ -205,7 +202,7 @@ class GeneralAbilityEvaluator(Callback):
             value = float(_compute(metric))  # every rank calls compute: the states are summed across ranks
             metrics[f"general/{task.name}/{spec.metric}"] = value
             self.history.append({"step": step, "task": task.name, "metric": spec.metric, "value": value})
-        self.last_step = step
+        self.schedule.done(trainer)
         log_metrics(trainer, metrics, step)
         return metrics
 
@@ -223,12 +220,12 @@ class GeneralAbilityEvaluator(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "history": [dict(row) for row in self.history],
+        return {**self.schedule.state_dict(), "history": [dict(row) for row in self.history],
                 "tasks": [asdict(task) for task in self.tasks]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step = int(state_dict.get("last_step", -1))
+        self.schedule.load_state_dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from prune_lightning.data.requests import EditRequest, _RecordFields
+from prune_lightning.data.requests import EditRequest, RecordFields
 from prune_lightning.data.sources import read_records
 
 __all__ = ["read_counterfact", "counterfact_request"]
@@ -56,7 +56,7 @@ def counterfact_request(record: Any, name: str = "<record>", index: int = 0) -> 
     Raises:
         RecordError: naming ``name``, ``index`` and the dotted field that is missing, mistyped or invalid.
     """
-    rec = _RecordFields(record, name, index)
+    rec = RecordFields(record, name, index)
     return rec.build(
         _FIELDS,
         case_id=rec.identifier("case_id"),

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-__all__ = ["EditRequest", "EditRequestError", "RecordError"]
+__all__ = ["EditRequest", "EditRequestError", "RecordError", "RecordFields"]
 
 _TUPLE_FIELDS = (
     "paraphrase_prompts",
@@ -207,7 +207,7 @@ def _as_str_tuple(name: str, value: Any) -> tuple[str, ...]:
 _MISSING = object()
 
 
-class _RecordFields:
+class RecordFields:
     """Typed access to the (dotted) fields of one record; every problem becomes a :class:`RecordError`.
 
     Args:

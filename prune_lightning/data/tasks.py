@@ -83,6 +83,8 @@ __all__ = [
     "get_task",
     "load_task",
     "register_task",
+    "required_text",
+    "required_texts",
     "rte_label_from_generation",
     "task_names",
 ]
@@ -303,7 +305,8 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _text(record: Mapping[str, Any], key: str) -> str:
+def required_text(record: Mapping[str, Any], key: str) -> str:
+    """A non-empty string field of a task record; a :class:`TaskFieldError` naming ``key`` otherwise."""
     if key not in record:
         raise TaskFieldError(key, "missing")
     value = record[key]
@@ -314,7 +317,7 @@ def _text(record: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _texts(record: Mapping[str, Any], key: str) -> tuple[str, ...]:
+def required_texts(record: Mapping[str, Any], key: str) -> tuple[str, ...]:
     """A list of non-empty strings (a lone string counts as a list of one)."""
     if key not in record:
         raise TaskFieldError(key, "missing")
@@ -347,8 +350,8 @@ RTE_TEMPLATE = "{sentence1} entails the {sentence2}. True or False? answer:"
 
 def read_gsm8k_record(record: Mapping[str, Any]) -> TaskRecord:
     """GSM8K: ``question``, ``answer`` = rationale + ``"#### <number>"``."""
-    question = _text(record, "question")
-    answer = _text(record, "answer")
+    question = required_text(record, "question")
+    answer = required_text(record, "answer")
     rationale, sep, number = answer.rpartition("####")
     if not sep:
         raise TaskFieldError("answer", "no '####' before the final number")
@@ -365,8 +368,8 @@ def read_gsm8k_record(record: Mapping[str, Any]) -> TaskRecord:
 
 def read_samsum_record(record: Mapping[str, Any]) -> TaskRecord:
     """SAMSum: ``id`` (optional), ``dialogue``, ``summary``; the dialogue is kept as it is."""
-    dialogue = _text(record, "dialogue")
-    summary = _text(record, "summary")
+    dialogue = required_text(record, "dialogue")
+    summary = required_text(record, "summary")
     ident = record.get("id")
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
         raise TaskFieldError("id", f"expected a string or an int, got {_type_name(ident)}")
@@ -379,9 +382,9 @@ def read_samsum_record(record: Mapping[str, Any]) -> TaskRecord:
 
 def read_nq_record(record: Mapping[str, Any]) -> TaskRecord:
     """Natural Questions with a passage: ``question``, ``answer`` (list), ``output`` (list; first = passage)."""
-    question = _text(record, "question")
-    answers = _texts(record, "answer")
-    passage = _texts(record, "output")[0].strip()
+    question = required_text(record, "question")
+    answers = required_texts(record, "answer")
+    passage = required_texts(record, "output")[0].strip()
     return TaskRecord(
         fields={"passage": passage, "question": question},
         references=tuple(a.strip() for a in answers),
@@ -391,8 +394,8 @@ def read_nq_record(record: Mapping[str, Any]) -> TaskRecord:
 
 def read_rte_record(record: Mapping[str, Any]) -> TaskRecord:
     """RTE: ``sentence1``, ``sentence2``, ``label`` (a label name or GLUE's class id), optional ``index``/``idx``."""
-    sentence1 = _text(record, "sentence1")
-    sentence2 = _text(record, "sentence2")
+    sentence1 = required_text(record, "sentence1")
+    sentence2 = required_text(record, "sentence2")
     if "label" not in record:
         raise TaskFieldError("label", "missing")
     label = record["label"]

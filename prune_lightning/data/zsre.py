@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from prune_lightning.data.requests import EditRequest, _RecordFields
+from prune_lightning.data.requests import EditRequest, RecordFields
 from prune_lightning.data.sources import read_records
 
 __all__ = ["read_zsre", "zsre_request", "ZSRE_TARGETS"]
@@ -76,7 +76,7 @@ def zsre_request(record: Any, name: str = "<record>", index: int = 0, target: st
         RecordError: naming ``name``, ``index`` and the field that is missing, mistyped or invalid.
     """
     _check_target(target)
-    rec = _RecordFields(record, name, index)
+    rec = RecordFields(record, name, index)
     subject = rec.text("subject")
     src = rec.text("src")
     if target == "answers":

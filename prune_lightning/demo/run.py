@@ -160,7 +160,7 @@ def _run(config: DemoConfig, key: str, model_dir: Path, requests: Path, tasks: d
     from prune_lightning import EditDataModule, SequentialEditor
     from prune_lightning.callbacks import (ConditionNumberMonitor, EditQualityEvaluator, GeneralAbilityEvaluator,
                                            PRUNECallback, TaskConfig)
-    from prune_lightning.cli import TRAINER_DEFAULTS
+    from prune_lightning import TRAINER_DEFAULTS
     from prune_lightning.editors import ROME
 
     seed_everything(config.seed, verbose=False)

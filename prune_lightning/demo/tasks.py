@@ -29,7 +29,7 @@ from prune_lightning.data.tasks import (
     register_task,
     rte_label_from_generation,
 )
-from prune_lightning.data.tasks import _text as _required_text
+from prune_lightning.data.tasks import required_text
 from prune_lightning.demo.world import ARITHMETIC_TEMPLATE, COPY_TEMPLATE, ENTAILMENT_TEMPLATE
 from prune_lightning.metrics.text import normalize_number
 
@@ -47,8 +47,8 @@ DEMO_TASKS = ("demo-arithmetic", "demo-entailment", "demo-copy", "demo-facts")
 
 def read_arithmetic_record(record: Mapping[str, Any]) -> TaskRecord:
     """``{"question": "8 + 7", "answer": "15"}`` -> field ``question``, reference ``"15"``."""
-    question = _required_text(record, "question")
-    answer = _required_text(record, "answer").strip()
+    question = required_text(record, "question")
+    answer = required_text(record, "answer").strip()
     if normalize_number(answer) is None:
         raise TaskFieldError("answer", f"not a number: {answer!r}")
     return TaskRecord(fields={"question": question}, references=(answer,), meta={"question": question})
@@ -56,14 +56,14 @@ def read_arithmetic_record(record: Mapping[str, Any]) -> TaskRecord:
 
 def read_copy_record(record: Mapping[str, Any]) -> TaskRecord:
     """``{"text": "sun cat tree"}`` -> field ``text``, reference the text itself."""
-    text = _required_text(record, "text").strip()
+    text = required_text(record, "text").strip()
     return TaskRecord(fields={"text": text}, references=(text,))
 
 
 def read_fact_record(record: Mapping[str, Any]) -> TaskRecord:
     """``{"prompt": "Tamo Rivek lives in", "answer": "Oslo", "subject": ...}`` -> field ``prompt``, reference."""
-    prompt = _required_text(record, "prompt")
-    answer = _required_text(record, "answer").strip()
+    prompt = required_text(record, "prompt")
+    answer = required_text(record, "answer").strip()
     return TaskRecord(fields={"prompt": prompt}, references=(answer,), meta={"subject": record.get("subject")})
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from prune_lightning.demo.world import World
+from prune_lightning.io import atomic_target
 from prune_lightning.models import build_tiny_model, default_cache_dir, mlp_out_template, train_bpe_tokenizer
 
 __all__ = [
@@ -360,31 +360,21 @@ def demo_checkpoint(
     from transformers.utils import logging as hf_logging
 
     model, tokenizer, info = train_demo_model(world, config, seed=seed, progress=progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        progress_bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
+        with atomic_target(target, keep_existing=True) as tmp:  # another process that got there first keeps its copy
             model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if progress_bars:
-                hf_logging.enable_progress_bar()
-        tokenizer.save_pretrained(tmp)
-        corpus = world.training_texts()
-        random.Random(seed).shuffle(corpus)
-        (tmp / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
-        (tmp / "world.json").write_text(json.dumps(world.settings, indent=1) + "\n", encoding="utf-8")
-        training = {"seed": seed, "config": asdict(config), "version": TRAIN_VERSION, **info}
-        (tmp / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-        # another process won the race: keep its copy
+            tokenizer.save_pretrained(tmp)
+            corpus = world.training_texts()
+            random.Random(seed).shuffle(corpus)
+            (tmp / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+            (tmp / "world.json").write_text(json.dumps(world.settings, indent=1) + "\n", encoding="utf-8")
+            training = {"seed": seed, "config": asdict(config), "version": TRAIN_VERSION, **info}
+            (tmp / "training.json").write_text(json.dumps(training, indent=1) + "\n", encoding="utf-8")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if progress_bars:
+            hf_logging.enable_progress_bar()
     return target
 
 

@@ -41,11 +41,12 @@ measure what edits take away from abilities the unedited model has, not generali
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
+
+from prune_lightning.io import atomic_target
 
 __all__ = ["Fact", "RELATIONS", "Relation", "World", "write_atomic"]
 
@@ -138,14 +139,8 @@ def write_atomic(path: Union[str, Path], text: str) -> Path:
         text: The content (UTF-8).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -11,52 +11,16 @@ one; MEMIT: rank <= batch size) or a dense tensor (fine-tuning).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-import torch
 from torch import nn
+
+from prune_lightning.spectral.lowrank import LowRankUpdate, Update, update_to_dense
+
+__all__ = ["Editor", "LowRankUpdate", "Update", "implements_editor", "update_to_dense"]
 
 if TYPE_CHECKING:
     from prune_lightning.data import EditRequest
-
-
-@dataclass
-class LowRankUpdate:
-    """A weight update ``left @ right.T`` of shape ``(left.shape[0], right.shape[0])``, in the parameter's layout."""
-
-    left: torch.Tensor
-    right: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.left.ndim == 1:
-            self.left = self.left[:, None]
-        if self.right.ndim == 1:
-            self.right = self.right[:, None]
-        if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[1]:
-            raise ValueError(
-                f"LowRankUpdate needs left (m, r) and right (n, r); got {tuple(self.left.shape)} and "
-                f"{tuple(self.right.shape)}"
-            )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.left.shape[0], self.right.shape[0])
-
-    @property
-    def rank(self) -> int:
-        return self.left.shape[1]
-
-    def dense(self) -> torch.Tensor:
-        return self.left @ self.right.T
-
-
-Update = Union[LowRankUpdate, torch.Tensor]
-
-
-def update_to_dense(update: Update) -> torch.Tensor:
-    """The update as a dense matrix."""
-    return update.dense() if isinstance(update, LowRankUpdate) else update
 
 
 class Editor:

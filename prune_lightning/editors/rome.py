@@ -25,9 +25,9 @@ keys' values as they were.
        dW = (h + delta - W k - b) (C^{-1} k*)^T / (k^T C^{-1} k*)
 
    where ``k`` is the key of the *plain* prompt alone, ``W k + b`` the MLP's output there, and ``C = E[k k^T]`` the
-   second moment of the keys over a text corpus (:mod:`prune_lightning.stats`). Check: ``(W + dW) k = h + delta - b``, the
-   optimised value; a key ``x`` with ``x^T C^{-1} k* = 0`` keeps its value. With ``mom2_adjustment=False``, ``C`` is
-   the identity. In the plain prompt ``h = W k + b``, so the residual is ``delta`` up to float rounding.
+   second moment of the keys over a text corpus (:mod:`prune_lightning.stats`). Check: ``(W + dW) k = h + delta -
+   b``, the optimised value; a key ``x`` with ``x^T C^{-1} k* = 0`` keeps its value. With ``mom2_adjustment=False``,
+   ``C`` is the identity. In the plain prompt ``h = W k + b``, so the residual is ``delta`` up to float rounding.
 
 Conventions, as in the authors' code (``kmeng01/rome``: ``rome/compute_u.py`` for the key and ``C^{-1} k*``,
 ``rome/compute_v.py`` for the value and the denominator ``k . C^{-1} k*``, ``rome/rome_main.py`` for the templates);

@@ -4,10 +4,14 @@
   to one kept as factors ``L R^T`` (thin QR + small SVD, never an ``m x n`` SVD).
 - :mod:`~prune_lightning.spectral.delta`: :class:`DeltaTracker`, the accumulated update ``W_n - W_0`` of one matrix.
 - :mod:`~prune_lightning.spectral.condition`: exact ``sigma_max``, ``sigma_min`` and ``kappa = sigma_max / sigma_min``.
+- :mod:`~prune_lightning.spectral.lowrank`: :class:`LowRankUpdate`, an update kept as factors ``left @ right.T``.
+
+The package depends on nothing above it: plain tensors in, plain tensors (or its own types) out.
 """
 
 from prune_lightning.spectral.condition import condition_number, singular_value_extremes, spectral_norm
 from prune_lightning.spectral.delta import DeltaTracker
+from prune_lightning.spectral.lowrank import LowRankUpdate, Update, update_to_dense
 from prune_lightning.spectral.restraint import (
     count_restrained,
     lowrank_svd,
@@ -19,6 +23,8 @@ from prune_lightning.spectral.restraint import (
 
 __all__ = [
     "DeltaTracker",
+    "LowRankUpdate",
+    "Update",
     "condition_number",
     "count_restrained",
     "lowrank_svd",
@@ -28,4 +34,5 @@ __all__ = [
     "restraint_threshold_shrinks",
     "singular_value_extremes",
     "spectral_norm",
+    "update_to_dense",
 ]

@@ -23,36 +23,27 @@ The factors accumulate in the tracker's dtype (float32 by default); every QR and
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from prune_lightning.spectral.condition import spectral_norm
+from prune_lightning.spectral.lowrank import LowRankUpdate, Update
 from prune_lightning.spectral.restraint import (
-    _check_alpha,
-    _check_factors,
-    _check_kind,
-    _check_sigma,
-    _dense_svd,
-    _lowrank_svd64,
-    _restrain_dense_with_count,
-    _restrain_factors,
+    check_alpha,
+    check_factors,
+    check_kind,
+    check_sigma,
+    dense_svd,
+    lowrank_svd64,
+    restrain_dense_counted,
+    restrain_factors_counted,
 )
-
-if TYPE_CHECKING:
-    from prune_lightning.editors.base import Update
 
 __all__ = ["DeltaTracker"]
 
 # Compress automatically once the columns reach twice those left by the last compression, but never below this.
 _MIN_COLUMNS_BEFORE_COMPRESS = 8
-
-
-def _low_rank_update_class() -> type:
-    # Imported lazily: prune_lightning.editors' package __init__ may import heavier modules that import this one.
-    from prune_lightning.editors.base import LowRankUpdate
-
-    return LowRankUpdate
 
 
 class DeltaTracker:
@@ -122,7 +113,7 @@ class DeltaTracker:
         """Add one write's update.
 
         Args:
-            update: A :class:`~prune_lightning.editors.base.LowRankUpdate` ``left @ right.T`` or a dense tensor of the
+            update: A :class:`~prune_lightning.spectral.LowRankUpdate` ``left @ right.T`` or a dense tensor of the
                 tracker's shape. A dense update switches the tracker to dense. Cast to the tracker's dtype and device.
 
         Raises:
@@ -140,7 +131,7 @@ class DeltaTracker:
                 self._left = self._right = None
                 self._compressed_columns = 0
             return
-        if not isinstance(update, _low_rank_update_class()):
+        if not isinstance(update, LowRankUpdate):
             raise TypeError(f"update must be a LowRankUpdate or a dense torch.Tensor, got {type(update).__name__}")
         self._check_shape(update.shape, "low-rank update")
         left, right = self._cast(update.left), self._cast(update.right)
@@ -174,7 +165,7 @@ class DeltaTracker:
         """
         if self._left is None:
             return
-        u, s, v = _lowrank_svd64(self._left, self._right)
+        u, s, v = lowrank_svd64(self._left, self._right)
         if s.numel() == 0:
             self._left = self._right = None
             self._compressed_columns = 0
@@ -189,7 +180,7 @@ class DeltaTracker:
             left: ``(m, r)``.
             right: ``(n, r)``.
         """
-        left, right = _check_factors(left, right)
+        left, right = check_factors(left, right)
         self._check_shape((left.shape[0], right.shape[0]), "left @ right.T")
         self._delta = None
         if left.shape[1] == 0:
@@ -243,11 +234,11 @@ class DeltaTracker:
         Low rank: float64 QR of the factors and SVD of the core. Dense: a float64 thin SVD of the matrix.
         """
         if self._delta is not None:
-            u, s, v = _dense_svd(self._delta)
+            u, s, v = dense_svd(self._delta)
         elif self._left is None:
-            u, s, v = _lowrank_svd64(*self.factors())
+            u, s, v = lowrank_svd64(*self.factors())
         else:
-            u, s, v = _lowrank_svd64(self._left, self._right)
+            u, s, v = lowrank_svd64(self._left, self._right)
         return u.to(self.dtype), s.to(self.dtype), v.to(self.dtype)
 
     def sigma_max(self) -> float:
@@ -256,7 +247,7 @@ class DeltaTracker:
             return spectral_norm(self._delta)
         if self._left is None:
             return 0.0
-        s = _lowrank_svd64(self._left, self._right)[1]
+        s = lowrank_svd64(self._left, self._right)[1]
         return float(s[0]) if s.numel() else 0.0
 
     # ------------------------------------------------------------------------------------------------ restraint
@@ -274,17 +265,17 @@ class DeltaTracker:
         Returns:
             How many singular values were ``>= sigma_max0`` (and so were restrained).
         """
-        alpha = _check_alpha(alpha)
-        kind = _check_kind(kind)
-        sigma = _check_sigma(sigma_max0)
+        alpha = check_alpha(alpha)
+        kind = check_kind(kind)
+        sigma = check_sigma(sigma_max0)
         if self._delta is not None:
-            restrained, count = _restrain_dense_with_count(self._delta, sigma, alpha, kind)
+            restrained, count = restrain_dense_counted(self._delta, sigma, alpha, kind)
             if restrained is not None:
                 self._delta = restrained
             return count
         if self._left is None:
             return 0
-        left, right, count = _restrain_factors(self._left, self._right, sigma, alpha, kind)
+        left, right, count = restrain_factors_counted(self._left, self._right, sigma, alpha, kind)
         if count:
             self.set_lowrank(left, right)
         return count

@@ -92,7 +92,7 @@ SigmaOrMatrix = Union[torch.Tensor, float]
 
 
 # --------------------------------------------------------------------------------------------------------- checks
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
     try:
         value = float(alpha)
     except (TypeError, ValueError):
@@ -102,13 +102,13 @@ def _check_alpha(alpha: float) -> float:
     return value
 
 
-def _check_kind(kind: str) -> str:
+def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return kind
 
 
-def _check_sigma(sigma_max: SigmaOrMatrix) -> float:
+def check_sigma(sigma_max: SigmaOrMatrix) -> float:
     """A threshold given as a number or a 0-d tensor, checked to be finite and > 0."""
     if isinstance(sigma_max, torch.Tensor):
         if sigma_max.ndim != 0:
@@ -129,14 +129,14 @@ def _resolve_sigma_max(w0: SigmaOrMatrix, shape: tuple[int, int]) -> float:
     if isinstance(w0, torch.Tensor) and w0.ndim == 2:
         if tuple(w0.shape) != tuple(shape):
             raise ValueError(f"w0 has shape {tuple(w0.shape)} but the update has shape {tuple(shape)}")
-        return _check_sigma(spectral_norm(w0))
+        return check_sigma(spectral_norm(w0))
     if isinstance(w0, torch.Tensor) and w0.ndim != 0:
         raise ValueError(f"w0 must be the matrix W_0 or its sigma_max (a number or 0-d tensor), got a tensor of "
                          f"shape {tuple(w0.shape)}")
-    return _check_sigma(w0)
+    return check_sigma(w0)
 
 
-def _check_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if left.ndim == 1:
         left = left[:, None]
     if right.ndim == 1:
@@ -176,9 +176,9 @@ def restrain_singular_values(s: torch.Tensor, sigma_max: SigmaOrMatrix, alpha: f
     Raises:
         ValueError: For ``alpha <= 1``, an unknown ``kind`` or ``sigma_max <= 0``.
     """
-    alpha = _check_alpha(alpha)
-    kind = _check_kind(kind)
-    sigma = _check_sigma(sigma_max)
+    alpha = check_alpha(alpha)
+    kind = check_kind(kind)
+    sigma = check_sigma(sigma_max)
     above = s >= sigma
     if kind == "log":
         # ln(max(s / sigma, 1)) is 0 below the threshold, so no log of 0 or negative numbers is ever taken.
@@ -199,7 +199,7 @@ def count_restrained(s: torch.Tensor, sigma_max: SigmaOrMatrix) -> int:
     Returns:
         The count as a Python int.
     """
-    return int((s >= _check_sigma(sigma_max)).sum())
+    return int((s >= check_sigma(sigma_max)).sum())
 
 
 def restraint_threshold_shrinks(sigma_max: SigmaOrMatrix, alpha: float = math.e) -> bool:
@@ -217,11 +217,11 @@ def restraint_threshold_shrinks(sigma_max: SigmaOrMatrix, alpha: float = math.e)
     Returns:
         ``True`` when :math:`\bar\sigma \ln\alpha \ge 1` (in practice: :math:`> 1`; equality has measure zero).
     """
-    return _check_sigma(sigma_max) * math.log(_check_alpha(alpha)) >= 1.0
+    return check_sigma(sigma_max) * math.log(check_alpha(alpha)) >= 1.0
 
 
 # --------------------------------------------------------------------------------------------------------- SVDs
-def _dense_svd(delta: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+def dense_svd(delta: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """Thin SVD ``delta = U diag(S) V^T`` up to numerical rank, in ``compute_dtype`` (default float64).
 
     LAPACK is faster on tall matrices, so a wide matrix is decomposed as its transpose."""
@@ -240,9 +240,9 @@ def _dense_svd(delta: torch.Tensor, compute_dtype: torch.dtype | None = None) ->
     return u[:, :k], s[:k], vh[:k].T
 
 
-def _lowrank_svd64(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lowrank_svd64(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``left @ right.T`` in float64 from two thin QRs and the SVD of the small core."""
-    left, right = _check_factors(left, right)
+    left, right = check_factors(left, right)
     l64 = left.detach().to(torch.float64)
     r64 = right.detach().to(torch.float64)
     m, n, r = l64.shape[0], r64.shape[0], l64.shape[1]
@@ -272,20 +272,20 @@ def lowrank_svd(left: torch.Tensor, right: torch.Tensor,
         ``(U, S, V)`` with ``U`` ``(m, k)``, ``S`` ``(k,)`` descending and ``V`` ``(n, k)``, ``k`` the numerical rank,
         such that ``left @ right.T == U @ diag(S) @ V.T``.
     """
-    left, right = _check_factors(left, right)
+    left, right = check_factors(left, right)
     out = dtype or torch.promote_types(left.dtype, right.dtype)
-    u, s, v = _lowrank_svd64(left, right)
+    u, s, v = lowrank_svd64(left, right)
     return u.to(out), s.to(out), v.to(out)
 
 
 # --------------------------------------------------------------------------------------------- matrix restraint
-def _restrain_dense_with_count(delta: torch.Tensor, sigma_max: float, alpha: float,
+def restrain_dense_counted(delta: torch.Tensor, sigma_max: float, alpha: float,
                                kind: str) -> tuple[torch.Tensor | None, int]:
     """The restrained update in ``delta``'s dtype (``None`` when nothing reaches the threshold) and the count.
 
     Everything runs in float64: the restrained components usually dominate the update (that is why they are
     restrained), so ``delta - correction`` cancels most of ``delta`` and float32 would lose digits there."""
-    u, s, v = _dense_svd(delta)
+    u, s, v = dense_svd(delta)
     count = count_restrained(s, sigma_max)
     if count == 0:
         return None, 0
@@ -296,11 +296,11 @@ def _restrain_dense_with_count(delta: torch.Tensor, sigma_max: float, alpha: flo
     return restrained.to(delta.dtype), count
 
 
-def _restrain_factors(left: torch.Tensor, right: torch.Tensor, sigma_max: float, alpha: float,
+def restrain_factors_counted(left: torch.Tensor, right: torch.Tensor, sigma_max: float, alpha: float,
                       kind: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Restrained factors ``(Q_L U_c F(S), Q_R V_c)`` in the factors' promoted dtype, and the restrained count."""
     out = torch.promote_types(left.dtype, right.dtype)
-    u, s, v = _lowrank_svd64(left, right)
+    u, s, v = lowrank_svd64(left, right)
     count = count_restrained(s, sigma_max)
     f = restrain_singular_values(s, sigma_max, alpha, kind)
     return (u * f).to(out), v.to(out), count
@@ -312,7 +312,7 @@ def restrain_dense(w0: SigmaOrMatrix, delta: torch.Tensor, alpha: float = math.e
 
     Computed as ``delta`` minus the change of the restrained components (module docstring), so the part of the update
     below the threshold is returned unchanged. The SVD runs in float64 (see
-    ``_restrain_dense_with_count`` for why), on the tall orientation of ``delta``.
+    ``restrain_dense_counted`` for why), on the tall orientation of ``delta``.
 
     Args:
         w0: The original matrix :math:`W_0` (same shape as ``delta``), or its precomputed :math:`\sigma_{\max}` as a
@@ -327,12 +327,12 @@ def restrain_dense(w0: SigmaOrMatrix, delta: torch.Tensor, alpha: float = math.e
     Raises:
         ValueError: For bad ``alpha`` / ``kind`` / ``sigma_max``, or a ``w0`` whose shape differs from ``delta``'s.
     """
-    _check_alpha(alpha)
-    _check_kind(kind)
+    check_alpha(alpha)
+    check_kind(kind)
     if not isinstance(delta, torch.Tensor) or delta.ndim != 2:
         raise ValueError(f"delta must be a matrix (2-D tensor), got {getattr(delta, 'shape', type(delta))}")
     sigma = _resolve_sigma_max(w0, tuple(delta.shape))
-    restrained, _ = _restrain_dense_with_count(delta, sigma, alpha, kind)
+    restrained, _ = restrain_dense_counted(delta, sigma, alpha, kind)
     return delta.detach().clone() if restrained is None else restrained
 
 
@@ -359,9 +359,9 @@ def restrain_lowrank(w0: SigmaOrMatrix, left: torch.Tensor, right: torch.Tensor,
     Raises:
         ValueError: For bad ``alpha`` / ``kind`` / ``sigma_max``, mismatched factors, or a ``w0`` of another shape.
     """
-    _check_alpha(alpha)
-    _check_kind(kind)
-    left, right = _check_factors(left, right)
+    check_alpha(alpha)
+    check_kind(kind)
+    left, right = check_factors(left, right)
     sigma = _resolve_sigma_max(w0, (left.shape[0], right.shape[0]))
-    left2, right2, _ = _restrain_factors(left, right, sigma, alpha, kind)
+    left2, right2, _ = restrain_factors_counted(left, right, sigma, alpha, kind)
     return left2, right2
