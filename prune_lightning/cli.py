@@ -6,24 +6,34 @@
     prune-edit fit --print_config
     prune-edit demo [--config configs/demo.yaml] [--output runs/demo]
     prune-edit stats --model tiny:gpt2 --layers 1 --corpus corpus.txt   # fill the second-moment statistics cache
+    prune-edit ... --debug                                               # a refused input with its traceback
 
 The model is a :class:`~prune_lightning.SequentialEditor` and the data an
 :class:`~prune_lightning.data.EditDataModule`; every argument of both, of the editor and of the trainer is
 configurable. A callback fragment under ``callbacks/`` is appended to whatever callbacks the experiment already lists
 with ``--trainer.callbacks+=<fragment.yaml>``.
+
+Errors a user can act on (a bad setting, a malformed record, a file that is missing, a refused resume) are printed as
+one line, ``prune-edit: error: ...``, with exit code 1; ``--debug`` (or ``PRUNE_EDIT_DEBUG=1``) shows the traceback
+instead. A resume (``--ckpt_path``) keeps the settings of the command line: a checkpoint whose run differs in what
+defines it (model, editor, edited matrices, restraints) is refused rather than followed silently
+(:meth:`SequentialEditor.on_load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
 from prune_lightning.data import EditDataModule
 from prune_lightning.module import TRAINER_DEFAULTS, SequentialEditor
+from prune_lightning.stats.run import StatsLockedError
 
 class PruneEditCLI(LightningCLI):
     """LightningCLI for sequential editing; see the module docstring for the commands."""
@@ -34,6 +44,43 @@ class PruneEditCLI(LightningCLI):
         trainer_defaults = dict(TRAINER_DEFAULTS)
         trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
         super().__init__(SequentialEditor, EditDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Runs the subcommand; if a refused input stops it, the empty folders its loggers made go again (a failed
+        run leaves no output of its own)."""
+        fresh = [path for path in _logger_dirs(self.trainer) if not path.exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except _USER_ERRORS:
+            for path in sorted(fresh, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+            raise
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would load the checkpoint's hyperparameters over the command line's here. Not here: the command
+        line stands, and the module refuses a checkpoint of a run that differs in what defines it."""
+
+
+def _logger_dirs(trainer: Any) -> list[Path]:
+    """The folders the trainer's loggers write into, outermost first (``save_dir``, ``save_dir/name``, version)."""
+    dirs: list[Path] = []
+    for logger in getattr(trainer, "loggers", []):
+        save_dir = getattr(logger, "save_dir", None)
+        if not save_dir:
+            continue
+        path = Path(save_dir)
+        dirs.append(path)
+        for part in (getattr(logger, "name", None), _version_dir(logger)):
+            if part:
+                path = path / str(part)
+                dirs.append(path)
+    return dirs
+
+
+def _version_dir(logger: Any) -> Optional[str]:
+    version = getattr(logger, "version", None)
+    return version if isinstance(version, str) else f"version_{version}" if version is not None else None
 
 
 class _DropTips(logging.Filter):
@@ -53,12 +100,45 @@ def _quiet_defaults() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+# What a user can act on: a refused setting or record, a missing file, an unsupported combination, a busy cache.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, NotImplementedError,
+                StatsLockedError)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``prune-edit`` console script."""
-    import sys
-
-    _quiet_defaults()
     argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("PRUNE_EDIT_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        if args is None:
+            sys.argv[1:] = argv
+        else:
+            args = argv
+    try:
+        _main(argv, args)
+    except _USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"prune-edit: error: {short_message(err)}\n(--debug shows where it was raised)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def short_message(err: BaseException) -> str:
+    """The message of an error, without what a parser wrapped around it: a setting refused inside
+    LightningCLI's instantiation reaches us as "Does not validate against any of the Union subtypes ... Errors: -
+    <ours>"."""
+    text = str(err)
+    if "Errors:" in text:
+        reasons = [line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines()
+                   if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
+        if reasons:
+            return "; ".join(reasons)
+    return text.strip() or type(err).__name__
+
+
+def _main(argv: list[str], args: Optional[list[str]]) -> None:
+    _quiet_defaults()
     if argv[:1] == ["demo"]:
         # Not a Trainer method: the demo drives three fits itself (prune_lightning.demo.run).
         from prune_lightning.demo.run import main as demo_main

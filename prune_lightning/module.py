@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -46,15 +45,17 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from typing_extensions import override
 
 from prune_lightning import distributed
 from prune_lightning.editors.base import Editor, implements_editor
-from prune_lightning.models import is_sharded_model, load_causal_lm, load_tokenizer, shard_model
+from prune_lightning.models import context_length, is_sharded_model, load_causal_lm, load_tokenizer, shard_model
 from prune_lightning.registry import EditRegistry
-from prune_lightning.spectral import LowRankUpdate, Update
+from prune_lightning.safety import (BadUpdateError, check_request_lengths, check_save_target, editor_settings,
+                                    frobenius_norm, run_signature, save_model, signature_changes, update_problem)
 from prune_lightning.strategies import (NoUpdates, broadcast_updates, check_same_batch, drop_ddp_anchor, fsdp_mesh,
                                         ignore_ddp_anchor, strategy_kind, workers_end_with_run)
 
@@ -64,6 +65,8 @@ warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `No
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 #: What makes a Trainer an editing loop: one pass over the request stream, no sanity validation, every step logged.
+_BAD_UPDATE_ACTIONS = ("raise", "skip")
+
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": 1,
     "num_sanity_val_steps": 0,
@@ -89,6 +92,11 @@ class SequentialEditor(LightningModule):
         edited_model_dir: Where to save it; default ``<run dir>/edited_model``.
         verbose: Print one line per edit batch (case, subject, new target, loss, time).
         eval_batch_size: Prompts per forward pass when ``validate`` / ``test`` score the edit quality.
+        overwrite: Let the save replace a folder that prune-lightning did not write (refused by default).
+        on_bad_update: What to do with an update that is not finite: ``"raise"`` (stop, naming the requests and the
+            matrix; nothing is written) or ``"skip"`` (leave the weights as they were, warn, count it in
+            ``edit/skipped`` and go on).
+        revision: The hub revision (branch, tag or commit) of the model and tokenizer; recorded in the saved config.
     """
 
     def __init__(
@@ -103,8 +111,15 @@ class SequentialEditor(LightningModule):
         edited_model_dir: Optional[str] = None,
         verbose: bool = True,
         eval_batch_size: int = 16,
+        overwrite: bool = False,
+        on_bad_update: str = "raise",
+        revision: Optional[str] = None,
     ) -> None:
         super().__init__()
+        if on_bad_update not in _BAD_UPDATE_ACTIONS:
+            raise ValueError(f"on_bad_update must be one of {_BAD_UPDATE_ACTIONS}, got {on_bad_update!r}")
+        if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be an int >= 1, got {eval_batch_size!r}")
         self.save_hyperparameters(ignore=["editor"])
         if editor is None:
             from prune_lightning.editors import ROME
@@ -115,11 +130,12 @@ class SequentialEditor(LightningModule):
                 f"editor must be an Editor or implement its methods (parameter_names, setup, compute_update); "
                 f"got {type(editor).__name__}"
             )
-        self.model = load_causal_lm(model, dtype=dtype)
-        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.model = load_causal_lm(model, dtype=dtype, revision=revision)
+        self.tokenizer = load_tokenizer(tokenizer or model, revision=revision)
         self.editor = editor
         self.edit_registry = EditRegistry(offload=offload_w0, dense_rank_fraction=dense_rank_fraction)
         self.requests_edited = 0
+        self.requests_skipped = 0
         self.automatic_optimization = False
         self._editor_ready = False
         self._replicated = False  # editing on several processes (set in setup)
@@ -148,7 +164,13 @@ class SequentialEditor(LightningModule):
             # run: Lightning would move the model there only after this hook. (A model to be sharded stays where it
             # is until configure_model has sharded it.)
             self.model.to(self.trainer.strategy.root_device)
+        if self._trainer is not None and self.hparams.save_edited_model:
+            check_save_target(self.edited_model_dir, self.hparams.overwrite)  # before the first edit, not after the last
         self.prepare_editor()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        requests = getattr(datamodule, "requests", None)
+        if requests:  # once more, now that the editor's context templates are known exactly
+            self.check_requests(requests)
 
     @override
     def configure_model(self) -> None:
@@ -210,6 +232,19 @@ class SequentialEditor(LightningModule):
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             self.edit_registry.to_parameter_devices()
 
+    def check_requests(self, requests: Sequence) -> None:
+        """Refuses, naming the request and the field, a prompt that would not fit the model's context with its target
+        and the editor's longest context template (:func:`~prune_lightning.safety.check_request_lengths`).
+
+        ``EditDataModule.setup`` calls it before any output of the run is written.
+
+        Args:
+            requests: ``EditRequest`` objects.
+        """
+        prompt_overhead = getattr(self.editor, "prompt_overhead", None)
+        overhead = int(prompt_overhead(self.tokenizer)) if callable(prompt_overhead) else 0
+        check_request_lengths(requests, self.tokenizer, context_length(self.model), overhead)
+
     @property
     def edited_parameter_names(self) -> list[str]:
         return list(self.editor.parameter_names(self.model))
@@ -257,14 +292,26 @@ class SequentialEditor(LightningModule):
         if self._replicated:
             updates = broadcast_updates(updates)
         metrics: dict[str, float] = {}
-        with torch.no_grad():
-            for name, update in updates.items():
-                entry = self.edit_registry[name]
-                entry.record(update)
-                self.edit_registry.write([name])
-                metrics[f"edit/update_norm/{name}"] = _frobenius_norm(update)
-        self.requests_edited += len(requests)
+        problems = {name: problem for name, update in updates.items() if (problem := update_problem(update))}
+        if problems:  # nothing of this batch is written (the same decision on every rank: the updates are shared)
+            matrices = "; ".join(f"{name} {problem}" for name, problem in problems.items())
+            message = (f"{type(self.editor).__name__} computed an update that cannot be written ({matrices}) for "
+                       f"{', '.join(r.where for r in requests)}")
+            if self.hparams.on_bad_update == "raise":
+                raise BadUpdateError(f"{message}. The weights are as before this batch. on_bad_update='skip' leaves "
+                                     "such requests out and goes on.")
+            rank_zero_warn(f"{message}; skipped (on_bad_update='skip'): the weights are as before this batch.")
+            self.requests_skipped += len(requests)
+        else:
+            with torch.no_grad():
+                for name, update in updates.items():
+                    entry = self.edit_registry[name]
+                    entry.record(update)
+                    self.edit_registry.write([name])
+                    metrics[f"edit/update_norm/{name}"] = frobenius_norm(update)
+            self.requests_edited += len(requests)
         metrics["edit/requests"] = float(self.requests_edited)
+        metrics["edit/skipped"] = float(self.requests_skipped)
         for key, value in (getattr(self.editor, "last_metrics", None) or {}).items():
             metrics[f"edit/{key}"] = float(value)
         return metrics
@@ -335,16 +382,35 @@ class SequentialEditor(LightningModule):
     # checkpoint and output
     # ------------------------------------------------------------------------------------------------------------
 
+    def run_signature(self) -> dict[str, str]:
+        """What defines this run and must not change on resume: model, editor settings, matrices, restraints."""
+        restraints = [c.state_key for c in self.trainer.callbacks if getattr(type(c), "rewrites_weights", False)] \
+            if self._trainer is not None else []
+        return run_signature(self.hparams.model, self.hparams.tokenizer, self.hparams.dtype, self.editor,
+                             self.edited_parameter_names, restraints)
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["edit_registry"] = self.edit_registry.state_dict()
         checkpoint["requests_edited"] = self.requests_edited
+        checkpoint["requests_skipped"] = self.requests_skipped
+        checkpoint["run_signature"] = self.run_signature()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("run_signature")
+        if saved is not None:
+            changes = signature_changes(saved, self.run_signature())
+            if changes:
+                raise ValueError(
+                    "Cannot resume: the checkpoint was written by a run with other settings (" + "; ".join(changes)
+                    + "). Resume with the same model, editor, edited matrices and restraints, or start a new run "
+                    "without ckpt_path. (Where to save and what to log may change.)"
+                )
         if "edit_registry" in checkpoint:
             self.edit_registry.load_state_dict(checkpoint["edit_registry"], model=self.model)
         self.requests_edited = int(checkpoint.get("requests_edited", 0))
+        self.requests_skipped = int(checkpoint.get("requests_skipped", 0))
 
     @override
     def on_train_end(self) -> None:
@@ -360,9 +426,10 @@ class SequentialEditor(LightningModule):
         return Path(run_dir) / "edited_model"
 
     def save_edited_model(self, path: os.PathLike) -> Optional[Path]:
-        """Saves model and tokenizer with ``save_pretrained`` (safetensors) on rank 0; written to a temp dir, then
-        renamed. A sharded model is gathered into rank 0's CPU memory first (every rank must call this); returns the
-        path on rank 0, ``None`` on the others."""
+        """Saves model and tokenizer with ``save_pretrained`` (safetensors) on rank 0, atomically, with a marker
+        file holding the run's provenance (:func:`~prune_lightning.safety.save_model`). A folder that prune-lightning
+        did not write is refused unless ``overwrite``. A sharded model is gathered into rank 0's CPU memory first
+        (every rank must call this); returns the path on rank 0, ``None`` on the others."""
         state_dict = None
         if is_sharded_model(self.model):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -375,21 +442,20 @@ class SequentialEditor(LightningModule):
             state_dict = {name: value for name, value in state_dict.items() if name in names}
         if distributed.rank() != 0:
             return None
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        self.tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        self.print(f"Edited model saved to {path}")
+        provenance = {"format": "prune_lightning.edited_model/1", "version": _package_version(), "model": self.hparams.model,
+                      "revision": self.hparams.revision, "editor": editor_settings(self.editor),
+                      "edited_matrices": self.edited_parameter_names, "requests_edited": self.requests_edited,
+                      "requests_skipped": self.requests_skipped}
+        path = save_model(self.model, self.tokenizer, path, provenance, state_dict=state_dict,
+                          overwrite=self.hparams.overwrite)
+        print(f"Edited model saved to {path}", flush=True)  # rank 0 only (the others returned above)
         return path
 
 
-def _frobenius_norm(update: Update) -> float:
-    """``||update||_F``; for factors ``L R^T`` from the small Gram matrices, without forming the product."""
-    if isinstance(update, LowRankUpdate):
-        left, right = update.left.double(), update.right.double()
-        return math.sqrt(max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0))
-    return float(torch.linalg.matrix_norm(update.double()))
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prune-lightning")
+    except PackageNotFoundError:  # run from a checkout
+        return "unknown"

@@ -232,7 +232,7 @@ def test_two_prune_callbacks_keep_separate_state(tiny_model_dir, rome_factory, c
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=1.0), "alpha must be > 1"),
+    (dict(alpha=1.0), "alpha must be a finite number > 1"),
     (dict(kind="cubic"), "kind must be"),
     (dict(mode="sometimes"), "mode must be"),
     (dict(every_n_edits=0), "every_n_edits"),

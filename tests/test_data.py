@@ -414,25 +414,50 @@ def test_url_is_downloaded_once_and_cached(tmp_path):
     cache = tmp_path / "downloads"
     with _CountingServer({"/data/counterfact.json": body}) as server:
         url = f"{server.url}/data/counterfact.json"
-        first = resolve_source(url, cache_dir=cache)
-        second = resolve_source(url, cache_dir=cache)
+        first = resolve_source(url, cache_dir=cache, allow_http=True)  # a local test server speaks plain http
+        second = resolve_source(url, cache_dir=cache, allow_http=True)
         assert server.hits == ["/data/counterfact.json"]
         assert first == second and first.read_bytes() == body
         assert first.parent == cache and first.name.endswith("-counterfact.json")
         # a failed download leaves nothing behind
         with pytest.raises(SourceError, match="download failed.*404"):
-            resolve_source(f"{server.url}/missing.json", cache_dir=cache)
+            resolve_source(f"{server.url}/missing.json", cache_dir=cache, allow_http=True)
         assert sorted(p.name for p in cache.iterdir()) == [first.name]
+
+
+def test_plain_http_needs_an_opt_in_and_a_digest_pins_the_content(tmp_path):
+    import hashlib
+
+    body = json.dumps([_cf_record(i) for i in range(2)]).encode()
+    digest = hashlib.sha256(body).hexdigest()
+    cache = tmp_path / "downloads"
+    with _CountingServer({"/cf.json": body}) as server:
+        url = f"{server.url}/cf.json"
+        with pytest.raises(SourceError, match="plain http is refused"):
+            resolve_source(url, cache_dir=cache)
+        assert server.hits == [] and not cache.exists()  # refused before any connection or file
+        wrong = "0" * 64
+        with pytest.raises(SourceError, match=rf"SHA-256 is {digest}, not {wrong}; nothing was kept"):
+            resolve_source(f"{url}#sha256={wrong}", cache_dir=cache, allow_http=True)
+        assert list(cache.iterdir()) == []
+        path = resolve_source(f"{url}#sha256={digest}", cache_dir=cache, allow_http=True)
+        assert path.read_bytes() == body
+        with pytest.raises(SourceError, match="must be '#sha256=<64 hex digits>'"):
+            resolve_source(f"{url}#md5=abc", cache_dir=cache, allow_http=True)
+    # The cached copy is checked at every use: one that changed on disk is refused, naming it.
+    path.write_bytes(body + b" ")
+    with pytest.raises(SourceError, match=rf"cached copy {path} has SHA-256 .*delete it to download"):
+        resolve_source(f"{url}#sha256={digest}", cache_dir=cache, allow_http=True)
 
 
 def test_url_default_cache_and_reader(tmp_path, _cache_dir):
     body = json.dumps([_cf_record(i) for i in range(2)]).encode()
     with _CountingServer({"/cf.json": body}) as server:
         url = f"{server.url}/cf.json"
-        assert [r.case_id for r in read_counterfact(url)] == [0, 1]
-        assert [r.case_id for r in read_counterfact(url, offset=1)] == [1]
+        assert [r.case_id for r in read_counterfact(url, allow_http=True)] == [0, 1]
+        assert [r.case_id for r in read_counterfact(url, offset=1, allow_http=True)] == [1]
         assert len(server.hits) == 1
-    cached = resolve_source(url)  # the server is gone: served from the cache
+    cached = resolve_source(url, allow_http=True)  # the server is gone: served from the cache
     assert cached.parent == Path(_cache_dir) / "downloads"
 
 
@@ -442,7 +467,7 @@ def test_url_error_names_url_and_cache(tmp_path):
     with _CountingServer({"/cf.json": json.dumps(records).encode()}) as server:
         url = f"{server.url}/cf.json"
         with pytest.raises(RecordError, match=rf"{url} \(cached at .*\): record 0: field 'case_id': missing"):
-            read_counterfact(url)
+            read_counterfact(url, allow_http=True)
 
 
 def test_hub_dataset_offline_fails_fast_and_clearly(monkeypatch):

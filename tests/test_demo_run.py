@@ -1,6 +1,7 @@
 """``prune-edit demo`` end to end with a handful of edits on a barely trained demo model."""
 
 import json
+import re
 
 import pytest
 
@@ -42,15 +43,24 @@ def test_demo_writes_the_comparison(tmp_path, monkeypatch):
     assert none["monitor"][-1]["final"] and none["monitor"][-1]["kappa"] != post["monitor"][-1]["kappa"]
 
 
-def test_demo_needs_the_last_edit_measured(tmp_path):
+def _refused(capsys, argv) -> str:
+    """prune-edit refuses the input with exit code 1 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err.splitlines()[0]
+
+
+def test_demo_needs_the_last_edit_measured(tmp_path, capsys):
     config = tmp_path / "demo.yaml"
     config.write_text("n_requests: 10\nevery_n_edits: 4\n")
-    with pytest.raises(ValueError, match=r"demo\.yaml: n_requests \(10\) must be a multiple of every_n_edits"):
-        main(["demo", "--config", str(config), "--output", str(tmp_path / "out")])
+    line = _refused(capsys, ["demo", "--config", str(config), "--output", str(tmp_path / "out")])
+    assert re.search(r"demo\.yaml: n_requests \(10\) must be a multiple of every_n_edits", line)
+    assert not (tmp_path / "out").exists()
 
 
-def test_demo_rejects_unknown_settings(tmp_path):
+def test_demo_rejects_unknown_settings(tmp_path, capsys):
     config = tmp_path / "demo.yaml"
     config.write_text("n_requests: 4\nn_edits: 3\n")
-    with pytest.raises(ValueError, match="unknown demo settings.*n_edits"):
-        main(["demo", "--config", str(config), "--output", str(tmp_path / "out")])
+    line = _refused(capsys, ["demo", "--config", str(config), "--output", str(tmp_path / "out")])
+    assert re.search(r"unknown demo settings.*n_edits", line)

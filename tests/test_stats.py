@@ -190,13 +190,17 @@ def test_corpus_formats(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_load_dataset(name, config, split, streaming=False):
-        seen.update(name=name, config=config, split=split, streaming=streaming)
+    def fake_load_dataset(name, config, split, streaming=False, revision=None):
+        seen.update(name=name, config=config, split=split, streaming=streaming, revision=revision)
         return datasets.Dataset.from_dict({"text": ["", " = Title = ", "first line", "", "second line"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert stats_mod.load_corpus_texts("wikitext:wikitext-103-raw-v1", n_samples=2) == [" = Title = ", "first line"]
-    assert seen == {"name": "wikitext", "config": "wikitext-103-raw-v1", "split": "train", "streaming": True}
+    assert seen == {"name": "wikitext", "config": "wikitext-103-raw-v1", "split": "train", "streaming": True,
+                    "revision": None}
+    # A revision after "@" pins the dataset (and, as part of the spec, is recorded in the cache's metadata).
+    assert stats_mod.load_corpus_texts("wikitext:wikitext-103-raw-v1@abc123", n_samples=1) == [" = Title = "]
+    assert seen["revision"] == "abc123" and seen["config"] == "wikitext-103-raw-v1"
 
 
 def test_cache_path_is_slugged():

@@ -67,8 +67,9 @@ class PRUNECallback(RestraintCallback):
         offload_w0: bool = False,
     ) -> None:
         super().__init__(mode=mode, every_n_edits=every_n_edits, modules=modules, offload_w0=offload_w0)
-        if not alpha > 1:
-            raise ValueError(f"PRUNECallback: alpha must be > 1, got {alpha}")
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 1):
+            raise ValueError(f"PRUNECallback: alpha must be a finite number > 1 (the base of the logarithm), got "
+                             f"{alpha!r}")
         if kind not in ("log", "linear"):
             raise ValueError(f"PRUNECallback: kind must be 'log' or 'linear', got {kind!r}")
         self.alpha = float(alpha)

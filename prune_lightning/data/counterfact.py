@@ -73,7 +73,8 @@ def counterfact_request(record: Any, name: str = "<record>", index: int = 0) -> 
 
 
 def read_counterfact(
-    source: Union[str, Path, Any], limit: Optional[int] = None, offset: int = 0
+    source: Union[str, Path, Any], limit: Optional[int] = None, offset: int = 0, allow_http: bool = False,
+    revision: Optional[str] = None,
 ) -> list[EditRequest]:
     """Reads CounterFact records ``offset .. offset + limit`` as edit requests, in file order.
 
@@ -82,10 +83,12 @@ def read_counterfact(
             ``datasets.Dataset`` (see :mod:`prune_lightning.data.sources`).
         limit: Maximum number of requests (``None``: all).
         offset: Number of records to skip first.
+        allow_http: Accept a plain ``http://`` URL.
+        revision: The revision (branch, tag or commit) of a hub dataset.
 
     Raises:
         RecordError: for the first malformed record, naming the file, the record's index and the field.
         SourceError: if the file is not JSON (or a JSON line is broken) or the hub dataset cannot be loaded.
     """
-    name, records = read_records(source, offset=offset, limit=limit)
+    name, records = read_records(source, offset=offset, limit=limit, allow_http=allow_http, revision=revision)
     return [counterfact_request(record, name, offset + i) for i, record in enumerate(records)]

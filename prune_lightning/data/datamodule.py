@@ -62,6 +62,8 @@ def read_requests(
     limit: Optional[int] = None,
     offset: int = 0,
     zsre_target: str = "answers",
+    allow_http: bool = False,
+    revision: Optional[str] = None,
 ) -> list[EditRequest]:
     """Reads edit requests in one of the known formats.
 
@@ -71,11 +73,14 @@ def read_requests(
         limit: Maximum number of requests (``None``: all).
         offset: Number of records to skip first.
         zsre_target: For zsRE, ``"answers"`` (ROME/MEMIT) or ``"alt"`` (EasyEdit) as the new target.
+        allow_http: Accept a plain ``http://`` URL.
+        revision: The revision (branch, tag or commit) of a hub dataset.
     """
     if format == "counterfact":
-        return read_counterfact(source, limit=limit, offset=offset)
+        return read_counterfact(source, limit=limit, offset=offset, allow_http=allow_http, revision=revision)
     if format == "zsre":
-        return read_zsre(source, target=zsre_target, limit=limit, offset=offset)
+        return read_zsre(source, target=zsre_target, limit=limit, offset=offset, allow_http=allow_http,
+                         revision=revision)
     raise ValueError(f"Unknown request format {format!r}; expected one of {FORMATS}")
 
 
@@ -217,8 +222,9 @@ class EditDataModule(LightningDataModule):
     """Serves edit requests in file order, one edit batch per training step; resumes after the last edited batch.
 
     Args:
-        source: Where the records are: a local ``.json`` / ``.jsonl`` file, an ``http(s)://`` URL (downloaded once
-            and cached), or a Hugging Face dataset written ``hub:<dataset_id>[:<config>][@<split>]``.
+        source: Where the records are: a local ``.json`` / ``.jsonl`` file, an ``https://`` URL (downloaded once
+            and cached; ``#sha256=<hex>`` pins its content), or a Hugging Face dataset written
+            ``hub:<dataset_id>[:<config>][@<split>]``.
         format: Record schema: ``"counterfact"`` or ``"zsre"`` (MEND's split).
         batch_size: Requests per edit batch (1 for ROME; MEMIT edits many facts at once).
         limit: Use at most this many requests (``None``: all).
@@ -226,6 +232,9 @@ class EditDataModule(LightningDataModule):
         zsre_target: For zsRE, the new target: ``"answers"`` (``answers[0]``, the ROME/MEMIT convention) or
             ``"alt"`` (the EasyEdit convention).
         num_workers: DataLoader worker processes (requests are small; 0 is usually best).
+        allow_http: Accept a plain ``http://`` URL as the source (refused by default: use https, or pin the content
+            with ``#sha256=<hex>``).
+        revision: The revision (branch, tag or commit) of a hub dataset source; recorded in the saved config.
     """
 
     def __init__(
@@ -237,6 +246,8 @@ class EditDataModule(LightningDataModule):
         offset: int = 0,
         zsre_target: str = "answers",
         num_workers: int = 0,
+        allow_http: bool = False,
+        revision: Optional[str] = None,
     ) -> None:
         super().__init__()
         if format not in FORMATS:
@@ -256,6 +267,8 @@ class EditDataModule(LightningDataModule):
         self.offset = offset
         self.zsre_target = zsre_target
         self.num_workers = num_workers
+        self.allow_http = bool(allow_http)
+        self.revision = revision
         self._requests: Optional[list[EditRequest]] = None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -267,23 +280,30 @@ class EditDataModule(LightningDataModule):
         """All requests of the stream, in order (read on first use)."""
         if self._requests is None:
             self._requests = read_requests(
-                self.format, self.source, limit=self.limit, offset=self.offset, zsre_target=self.zsre_target
+                self.format, self.source, limit=self.limit, offset=self.offset, zsre_target=self.zsre_target,
+                allow_http=self.allow_http, revision=self.revision,
             )
         return self._requests
 
     def prepare_data(self) -> None:
         """Downloads a URL or hub source into its cache (Lightning calls this on one process per node)."""
         if isinstance(self.source, str) and self.source.startswith(("http://", "https://", HUB_PREFIX)):
-            resolve_source(self.source)
+            resolve_source(self.source, allow_http=self.allow_http, revision=self.revision)
 
     def setup(self, stage: str) -> None:
-        """Reads the requests, so that a malformed file fails before any edit.
+        """Reads the requests, so that a malformed file fails before any edit, and checks that they fit the model.
 
         Args:
             stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
         """
         if not self.requests:
             rank_zero_warn(f"EditDataModule: no requests in {self.source!r} (offset={self.offset}, limit={self.limit})")
+        # Before any output of the run: the datamodule's setup runs before the callbacks' (config.yaml) and the
+        # module's. The module says what fits its model (SequentialEditor.check_requests).
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        check = getattr(module, "check_requests", None)
+        if callable(check):
+            check(self.requests)
 
     def _batches_edited(self) -> Optional[int]:
         trainer = self.trainer
@@ -330,7 +350,8 @@ class EditDataModule(LightningDataModule):
     def _fingerprint(self) -> dict[str, Any]:
         digest = hashlib.sha256()
         for request in self.requests:
-            digest.update(json.dumps(request.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            content = {k: v for k, v in request.to_dict().items() if k not in ("source", "index")}
+            digest.update(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8"))
             digest.update(b"\n")
         return {
             "source": str(self.source),

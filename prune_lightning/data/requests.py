@@ -23,7 +23,7 @@ record's index and the record's own (dotted) field.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 __all__ = ["EditRequest", "EditRequestError", "RecordError", "RecordFields"]
@@ -102,6 +102,8 @@ class EditRequest:
         relation_id: Wikidata relation id (``"P103"``) where known.
         attribute_prompts: CounterFact prompts about other subjects whose true object is ``target_new``.
         generation_prompts: CounterFact prompts for free generation about the subject.
+        source: The file (or hub dataset) the request was read from, where known; not part of equality.
+        index: Its record's index in ``source``, where known; not part of equality.
     """
 
     prompt: str
@@ -115,6 +117,8 @@ class EditRequest:
     relation_id: Optional[str] = None
     attribute_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
+    source: Optional[str] = field(default=None, compare=False)
+    index: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
@@ -138,6 +142,13 @@ class EditRequest:
                 f"has {len(self.neighborhood_targets)} entries but neighborhood_prompts has "
                 f"{len(self.neighborhood_prompts)}; give one target per prompt, or none",
             )
+
+    @property
+    def where(self) -> str:
+        """Where the request comes from, for messages: ``"data/cf.json: record 3 (case_id 7)"``."""
+        place = f"{self.source}: record {self.index}" if self.source is not None and self.index is not None else (
+            self.source or "a request given in code")
+        return f"{place} (case_id {self.case_id!r})"
 
     @property
     def rendered_prompt(self) -> str:
@@ -281,7 +292,7 @@ class RecordFields:
             **kwargs: The EditRequest fields.
         """
         try:
-            return EditRequest(**kwargs)
+            return EditRequest(**kwargs, source=str(self.name), index=self.index)
         except EditRequestError as err:
             base, bracket, rest = err.field.partition("[")
             field = fields.get(base, base)

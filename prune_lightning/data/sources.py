@@ -6,11 +6,13 @@ A *source* is one string, read as follows (first match wins):
   loaded with ``datasets.load_dataset(dataset_id, config, split=split)``; the split defaults to ``train`` and may
   use the ``datasets`` slice syntax (``@train[:1000]``). Example: ``"hub:azhx/counterfact"``. With
   ``HF_DATASETS_OFFLINE=1`` a dataset missing from the local cache fails at once with a :class:`SourceError`.
-- ``"http://..."`` / ``"https://..."`` - a JSON or JSON-lines file, downloaded once into
+- ``"https://..."`` - a JSON or JSON-lines file, downloaded once into
   ``<cache>/downloads/<sha256(url)[:16]>-<basename>`` (``<cache>`` is
   :func:`prune_lightning.models.default_cache_dir`, i.e. ``$PRUNE_LIGHTNING_CACHE``) and read from there ever
   after, without the network. The download goes to a temporary file that is renamed into place, so an
-  interrupted download leaves nothing behind.
+  interrupted download leaves nothing behind. A URL may pin its content with ``#sha256=<hex>``: the download, and
+  the cached copy at every later use, must have that digest. Plain ``http://`` is refused (the file could be
+  altered on the way) unless ``allow_http=True``.
 - anything else is a local path and must exist. A bare hub id is *not* guessed from a missing path: a typo in a
   path should say "no such file", not try the network. Write ``hub:`` for hub datasets.
 
@@ -74,12 +76,12 @@ def _parse_hub(spec: str) -> tuple[str, Optional[str], str]:
     return body, config, split
 
 
-def _load_hub(spec: str):
+def _load_hub(spec: str, revision: Optional[str] = None):
     dataset_id, config, split = _parse_hub(spec)
     import datasets  # noqa: PLC0415 - slow import, only needed here
 
     try:
-        return datasets.load_dataset(dataset_id, config, split=split)
+        return datasets.load_dataset(dataset_id, config, split=split, revision=revision)
     except Exception as err:  # noqa: BLE001 - datasets raises many unrelated types; name the source in all
         offline = any(os.environ.get(var, "").upper() in ("1", "TRUE", "ON", "YES") for var in _OFFLINE_VARS)
         hint = " (offline mode is on and the dataset is not in the local cache)" if offline else ""
@@ -94,33 +96,66 @@ def _download_name(url: str) -> str:
     return f"{digest}-{base}"
 
 
-def _download(url: str, cache_dir: Optional[Union[str, Path]]) -> Path:
+def _split_digest(source: str) -> tuple[str, Optional[str]]:
+    """``"https://x/f.json#sha256=ab12"`` -> ``("https://x/f.json", "ab12")``; no fragment -> ``(url, None)``."""
+    url, _, fragment = source.partition("#")
+    if not fragment:
+        return url, None
+    key, _, value = fragment.partition("=")
+    value = value.strip().lower()
+    if key != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise SourceError(source, "the URL's fragment must be '#sha256=<64 hex digits>' (the content's digest)")
+    return url, value
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(source: str, cache_dir: Optional[Union[str, Path]], allow_http: bool = False) -> Path:
+    url, expected = _split_digest(source)
+    if url.startswith("http://") and not allow_http:
+        raise SourceError(url, "plain http is refused: what arrives could have been altered on the way. Use https, "
+                               "or pass allow_http=True (best with #sha256=<hex> to pin the content).")
     if cache_dir is None:
         from prune_lightning.models import default_cache_dir  # noqa: PLC0415 - keeps the data layer import light
 
         cache_dir = default_cache_dir() / "downloads"
     cache_dir = Path(cache_dir)
     target = cache_dir / _download_name(url)
-    if target.is_file():
-        return target
-    try:
-        with atomic_target(target, keep_existing=True) as tmp, open(tmp, "wb") as out, \
-                urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-    except (urllib.error.URLError, OSError) as err:
-        raise SourceError(url, f"download failed: {err}") from err
+    if not target.is_file():
+        try:
+            with atomic_target(target, keep_existing=True) as tmp:
+                with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+                    while chunk := response.read(_CHUNK):
+                        out.write(chunk)
+                if expected is not None and _sha256_of(tmp) != expected:
+                    raise SourceError(source, f"the download's SHA-256 is {_sha256_of(tmp)}, not {expected}; "
+                                              "nothing was kept")
+        except (urllib.error.URLError, OSError) as err:
+            raise SourceError(url, f"download failed: {err}") from err
+    if expected is not None and _sha256_of(target) != expected:
+        raise SourceError(source, f"the cached copy {target} has SHA-256 {_sha256_of(target)}, not {expected}; "
+                                  "delete it to download the file again")
     return target
 
 
-def resolve_source(source: Any, cache_dir: Optional[Union[str, Path]] = None):
+def resolve_source(source: Any, cache_dir: Optional[Union[str, Path]] = None, allow_http: bool = False,
+                   revision: Optional[str] = None):
     """Turns a source into something readable: a local :class:`~pathlib.Path` or a ``datasets.Dataset``.
 
     URLs are downloaded on first use (see the module docstring); hub datasets are loaded; paths are checked.
 
     Args:
-        source: Local path, ``http(s)://`` URL, ``hub:<id>[:<config>][@<split>]``, or a ``datasets.Dataset``.
+        source: Local path, ``https://`` URL (``#sha256=<hex>`` pins it), ``hub:<id>[:<config>][@<split>]``, or a
+            ``datasets.Dataset``.
         cache_dir: Where downloads are kept (default: ``default_cache_dir() / "downloads"``).
+        allow_http: Accept a plain ``http://`` URL.
+        revision: The revision (branch, tag or commit) of a hub dataset.
 
     Returns:
         A ``Path`` to an existing file, or a ``datasets.Dataset``.
@@ -131,9 +166,9 @@ def resolve_source(source: Any, cache_dir: Optional[Union[str, Path]] = None):
         path = source
     elif isinstance(source, str):
         if source.startswith(HUB_PREFIX):
-            return _load_hub(source)
+            return _load_hub(source, revision)
         if _is_url(source):
-            return _download(source, cache_dir)
+            return _download(source, cache_dir, allow_http)
         path = Path(source).expanduser()
     else:
         raise TypeError(f"a data source must be a path, URL, 'hub:<id>' or datasets.Dataset, got {type(source)}")
@@ -152,7 +187,8 @@ def _read_file(path: Path) -> list:
 
 
 def read_records(
-    source: Any, offset: int = 0, limit: Optional[int] = None, cache_dir: Optional[Union[str, Path]] = None
+    source: Any, offset: int = 0, limit: Optional[int] = None, cache_dir: Optional[Union[str, Path]] = None,
+    allow_http: bool = False, revision: Optional[str] = None,
 ) -> tuple[str, list]:
     """Reads the records ``offset .. offset + limit`` of a source, in order.
 
@@ -163,6 +199,8 @@ def read_records(
         offset: Number of records to skip at the start.
         limit: Maximum number of records to return (``None``: all after ``offset``).
         cache_dir: Where downloads are kept.
+        allow_http: Accept a plain ``http://`` URL.
+        revision: The revision of a hub dataset.
 
     Returns:
         ``(name, records)``: the name to use in error messages (the file, or the hub spec) and the records; the
@@ -172,7 +210,7 @@ def read_records(
         raise ValueError(f"offset must be an int >= 0, got {offset!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
-    resolved = resolve_source(source, cache_dir=cache_dir)
+    resolved = resolve_source(source, cache_dir=cache_dir, allow_http=allow_http, revision=revision)
     stop = None if limit is None else offset + limit
     if isinstance(resolved, Path):
         name = f"{source} (cached at {resolved})" if isinstance(source, str) and _is_url(source) else str(resolved)

@@ -125,7 +125,8 @@ def zsre_request(record: Any, name: str = "<record>", index: int = 0, target: st
 
 
 def read_zsre(
-    source: Union[str, Path, Any], target: str = "answers", limit: Optional[int] = None, offset: int = 0
+    source: Union[str, Path, Any], target: str = "answers", limit: Optional[int] = None, offset: int = 0,
+    allow_http: bool = False, revision: Optional[str] = None,
 ) -> list[EditRequest]:
     """Reads zsRE records ``offset .. offset + limit`` (MEND's split) as edit requests, in file order.
 
@@ -136,11 +137,13 @@ def read_zsre(
             ``"alt"`` (the EasyEdit convention).
         limit: Maximum number of requests (``None``: all).
         offset: Number of records to skip first.
+        allow_http: Accept a plain ``http://`` URL.
+        revision: The revision (branch, tag or commit) of a hub dataset.
 
     Raises:
         RecordError: for the first malformed record, naming the file, the record's index and the field.
         SourceError: if the file is not JSON (or a JSON line is broken) or the hub dataset cannot be loaded.
     """
     _check_target(target)
-    name, records = read_records(source, offset=offset, limit=limit)
+    name, records = read_records(source, offset=offset, limit=limit, allow_http=allow_http, revision=revision)
     return [zsre_request(record, name, offset + i, target=target) for i, record in enumerate(records)]

@@ -11,6 +11,7 @@ one; MEMIT: rank <= batch size) or a dense tensor (fine-tuning).
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from torch import nn
@@ -51,6 +52,20 @@ class Editor:
 
     def setup(self, model: nn.Module, tokenizer: Any) -> None:
         """Called once before the first edit (load or compute statistics, check the model)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments as the editor holds them: what a resume compares with the checkpoint's run.
+
+        Default: every constructor argument stored under its own name. Override where an attribute of that name
+        changes after construction (ROME's generated context templates).
+        """
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in parameters if name != "self" and hasattr(self, name)}
+
+    def prompt_overhead(self, tokenizer: Any) -> int:
+        """Tokens the editor puts in front of a request's prompt (context templates): the run checks that every
+        prompt fits the model's context with them, before any edit. Default: none."""
+        return 0
 
     def compute_update(self, model: nn.Module, tokenizer: Any, requests: Sequence["EditRequest"]) -> dict[str, Update]:
         """The updates for one edit batch, keyed by parameter name. Must leave the model's weights as they were.

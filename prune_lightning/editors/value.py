@@ -89,6 +89,7 @@ __all__ = [
     "optimize_value",
     "render",
     "template_groups",
+    "template_overhead",
 ]
 
 FACT_TOKENS = ("subject_last", "last")
@@ -151,6 +152,20 @@ def template_groups(templates: Templates, plain_alone: bool) -> list[list[str]]:
     plain = [t for t in flat if t == "{}"]
     rest = [t for t in flat if t != "{}"]
     return [g for g in (plain, rest) if g]
+
+
+def template_overhead(tokenizer, templates: Optional[Sequence[str]], lengths: Sequence[tuple[int, int]]) -> int:
+    """Tokens the longest context template adds to a prompt: counted for known templates; before they are generated,
+    their length in all plus two (``". "``), which a re-encoded sampled text may exceed by a little.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        templates: The templates, if known (given, or generated in ``setup``).
+        lengths: The ``(length, count)`` pairs they will be generated with.
+    """
+    if templates:
+        return max(len(tokenizer(t.replace("{}", ""), add_special_tokens=False)["input_ids"]) for t in templates)
+    return max((int(length) + 2 for length, count in lengths if count), default=0)
 
 
 def render(template: str, prompt: str, subject: str) -> tuple[str, int]:

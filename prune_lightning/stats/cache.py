@@ -17,7 +17,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import re
 
@@ -32,6 +32,9 @@ from prune_lightning.stats.corpus import REFERENCE_CORPUS, corpus_name, file_sha
 __all__ = [
     "STATS_FORMAT",
     "StatsSettings",
+    "check_conditioning",
+    "check_max_length",
+    "read_metadata",
     "accumulation_dtype",
     "check_request",
     "default_max_length",
@@ -39,6 +42,7 @@ __all__ = [
     "expected_metadata",
     "load_cached",
     "load_stats_file",
+    "model_revision",
     "save_moment",
     "slug",
     "stats_cache_path",
@@ -123,6 +127,7 @@ def expected_metadata(
     max_length: int,
     max_tokens: Optional[int] = None,
     corpus_sha256: Optional[str] = None,
+    model_revision: Optional[str] = None,
 ) -> dict[str, str]:
     """The metadata a cache file of this request carries (before ``n_tokens`` / ``n_documents`` are known).
 
@@ -135,6 +140,7 @@ def expected_metadata(
         max_length: Truncation length in tokens.
         max_tokens: The token budget, if any (only then is it part of the metadata).
         corpus_sha256: SHA-256 of a local corpus file (computed here when not given).
+        model_revision: The commit of a hub model (:func:`model_revision`); recorded and matched when known.
     """
     local = local_corpus_path(corpus)
     expected = {
@@ -151,7 +157,16 @@ def expected_metadata(
         expected["max_tokens"] = str(int(max_tokens))
     if local is not None:
         expected["corpus_sha256"] = corpus_sha256 or file_sha256(local)
+    if model_revision:
+        expected["model_revision"] = model_revision
     return expected
+
+
+def model_revision(model_or_config: Any) -> Optional[str]:
+    """The hub commit a model (or its config) was loaded from, if it came from the hub (``config._commit_hash``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    value = getattr(config, "_commit_hash", None)
+    return str(value) if value else None
 
 
 def load_stats_file(
@@ -210,8 +225,23 @@ def accumulation_dtype(dtype: Union[str, torch.dtype]) -> tuple[torch.dtype, str
 
 
 def default_max_length(model: nn.Module) -> int:
+    """The truncation length of documents: the model's context, at most 4096 tokens."""
     context = context_length(model)
     return min(context, _DEFAULT_MAX_LENGTH) if context else _DEFAULT_MAX_LENGTH
+
+
+def check_max_length(model: nn.Module, max_length: Optional[int]) -> int:
+    """``max_length`` (default: :func:`default_max_length`); one longer than the model's context is a ``ValueError``
+    (the position embedding would fail mid-run)."""
+    if max_length is None:
+        return default_max_length(model)
+    context = context_length(model)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
+    if context and max_length > context:
+        raise ValueError(f"max_length={max_length} exceeds the model's context of {context} tokens; give at most "
+                         f"{context} (or leave it out: documents are then cut to the context)")
+    return max_length
 
 
 def default_model_id(model: nn.Module) -> str:
@@ -262,3 +292,54 @@ def save_moment(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> N
 
     with atomic_target(path) as tmp:
         save_file({_STATS_KEY: moment}, str(tmp), metadata=metadata)
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, str]:
+    """The provenance metadata of a cache file (empty if it cannot be read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - a foreign or broken file has no metadata we can use
+        return {}
+
+
+# Above this lower bound of cond(C), float32 arithmetic on C is noise (1 / eps of float32 ~ 1.7e7, with margin).
+_ILL_CONDITIONED = 1e10
+
+
+def check_conditioning(name: str, moment: torch.Tensor, n_tokens: Optional[int] = None,
+                       device: Optional[torch.device] = None) -> Optional[str]:
+    """Warns when ``C`` cannot shape an update reliably, with the numbers and the remedy; returns the warning.
+
+    ``C`` from fewer tokens than its dimension is singular. Otherwise the pivots ``d_k`` of its Cholesky factorization
+    (float64) give a lower bound ``max d / min d <= cond(C)``; a bound above 1e10, or a factorization that fails
+    (``C`` not positive definite), is reported.
+
+    Args:
+        name: The module, for the message.
+        moment: ``C``.
+        n_tokens: The number of keys it was summed over, if known.
+        device: Where to factor it (default: where it is).
+    """
+    dim = moment.shape[0]
+    problem = None
+    if n_tokens is not None and n_tokens < dim:
+        problem = f"it was summed over {n_tokens} tokens, fewer than its dimension {dim}, so it is singular"
+    else:
+        factor, info = torch.linalg.cholesky_ex(moment.to(device=device, dtype=torch.float64))
+        if int(info) > 0:
+            problem = "it is not positive definite (singular, or negative from rounding)"
+        else:
+            pivots = factor.diagonal().square()
+            bound = float(pivots.max() / pivots.min())
+            if bound > _ILL_CONDITIONED:
+                problem = f"its condition number is at least {bound:.2g}"
+    if problem is None:
+        return None
+    message = (f"The second moment C of the inputs of {name} is ill-conditioned: {problem}. The updates shaped by "
+               "C^-1 can come out many times larger than the weights. Compute C over more documents (mom2_n_samples) "
+               "or a larger corpus, or set mom2_adjustment=False (C = I).")
+    rank_zero_warn(message)
+    return message

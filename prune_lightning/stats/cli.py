@@ -11,20 +11,22 @@ devices, strategy and nodes; cached matrices whose provenance matches are not re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import torch.distributed as dist
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from prune_lightning.models import mlp_out_template, resolve_model_path
-from prune_lightning.stats.cache import (check_request, default_max_length, expected_metadata, load_cached,
-                                         stats_cache_path)
+from prune_lightning.stats.cache import (check_max_length, check_request, expected_metadata, load_cached,
+                                         model_revision, stats_cache_path)
 from prune_lightning.stats.corpus import REFERENCE_CORPUS, file_sha256, local_corpus_path
 from prune_lightning.stats.job import SecondMomentJob
-from prune_lightning.stats.run import StatsProgressBar, checkpoint_callback
+from prune_lightning.stats.run import StatsProgressBar, checkpoint_callback, checkpoint_lock
 
 __all__ = ["main"]
 
@@ -101,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Path]:
         template = args.module_template or mlp_out_template(stub)
         modules = [template.format(int(layer)) for layer in _split_list(args.layers)]
     model_id = args.model_id or Path(str(path).rstrip("/")).name
-    max_length = args.max_length or default_max_length(stub)
+    max_length = check_max_length(stub, args.max_length)
     check_request(args.n_samples, args.max_tokens)
     local = local_corpus_path(args.corpus)
     sha = file_sha256(local) if local is not None else None
@@ -113,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Path]:
     missing = []
     for name, file in paths.items():
         expected = expected_metadata(model_id, name, args.corpus, args.n_samples, args.dtype, max_length,
-                                     max_tokens=args.max_tokens, corpus_sha256=sha)
+                                     max_tokens=args.max_tokens, corpus_sha256=sha,
+                                     model_revision=model_revision(stub.config))
         if args.recompute or not file.exists() or load_cached(file, expected, None) is None:
             missing.append(name)
 
@@ -160,8 +163,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Path]:
                 rank_zero_info(f"Resuming from {last}")
             else:
                 rank_zero_info(f"No checkpoint at {last}; starting from the beginning")
+        # One process of the run holds the lock: the others (DDP ranks launched again with this command) share its folder.
+        first = rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+        lock = checkpoint_lock(args.checkpoint_dir) if args.checkpoint_dir is not None and first \
+            else contextlib.nullcontext()
         try:
-            trainer.fit(job, ckpt_path=ckpt_path)
+            with lock:
+                trainer.fit(job, ckpt_path=ckpt_path)
             is_zero = trainer.is_global_zero
         finally:
             if dist.is_available() and dist.is_initialized():

@@ -2,7 +2,8 @@
 
 Corpora are read as a stream, never loaded whole:
 
-- a Hugging Face hub dataset ``"id[:config[:split]]"`` (split ``train`` by default), streamed with
+- a Hugging Face hub dataset ``"id[:config[:split]][@revision]"`` (split ``train`` by default; a revision - branch,
+  tag or commit - pins the data, and being part of the spec it is recorded in the cache's metadata), streamed with
   ``datasets.load_dataset(..., streaming=True)``; the ``text`` column. :data:`REFERENCE_CORPUS`,
   ``"wikimedia/wikipedia:20231101.en"``, is what the editors' presets use; ``"wikitext:wikitext-103-raw-v1"`` is a
   smaller choice.
@@ -128,10 +129,12 @@ def _local_texts(path: Path) -> Iterable[str]:
 def _hub_texts(corpus: str) -> Iterable[str]:
     import datasets
 
-    name, _, rest = corpus.partition(":")
+    spec, _, revision = corpus.partition("@")
+    name, _, rest = spec.partition(":")
     config, _, split = rest.partition(":")
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True,
+                                        revision=revision or None)
     except Exception as err:  # offline, unknown id, ...: say what to do instead
         raise RuntimeError(
             f"Could not load the statistics corpus {corpus!r} from the Hugging Face hub ({type(err).__name__}: {err}). "

@@ -53,8 +53,9 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from prune_lightning.models import get_module, input_dim, load_causal_lm, load_tokenizer, mlp_out_template, model_device
-from prune_lightning.stats.cache import (STATS_FORMAT, accumulation_dtype, check_request, default_max_length,
-                                         default_model_id, expected_metadata, save_moment, stats_cache_path)
+from prune_lightning.stats.cache import (STATS_FORMAT, accumulation_dtype, check_max_length, check_request,
+                                         default_model_id, expected_metadata, model_revision, save_moment,
+                                         stats_cache_path)
 from prune_lightning.stats.corpus import (REFERENCE_CORPUS, STREAM_START, CorpusLoader, CorpusStream, corpus_name,
                                           file_sha256, local_corpus_path)
 
@@ -289,8 +290,7 @@ class SecondMomentJob(LightningModule):
             template = self.module_template or mlp_out_template(model)
             self.module_names = [template.format(layer) for layer in self.layers]
         self._in_dims = {name: input_dim(get_module(model, name)) for name in self.module_names}
-        if self.max_length is None:
-            self.max_length = default_max_length(model)
+        self.max_length = check_max_length(model, self.max_length)
         self.model_id = self.model_id or default_model_id(model)
         local = local_corpus_path(self.corpus)
         self._corpus_sha256 = file_sha256(local) if local is not None else None
@@ -493,6 +493,7 @@ class SecondMomentJob(LightningModule):
                 metadata = expected_metadata(
                     self.model_id, name, self.corpus, self.n_samples, self.dtype_name, self.max_length,
                     max_tokens=self.max_tokens, corpus_sha256=self._corpus_sha256,
+                    model_revision=model_revision(self.lm),
                 )
                 metadata.update(n_tokens=str(n_tokens), n_documents=str(n_documents))
                 save_moment(path, moment, metadata)

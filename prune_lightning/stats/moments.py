@@ -33,9 +33,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from prune_lightning.models import default_cache_dir, get_module, input_dim
-from prune_lightning.stats.cache import (StatsSettings, accumulation_dtype, default_max_length, default_model_id,
-                                         expected_metadata, load_cached, load_stats_file, stats_cache_path)
+from prune_lightning.models import default_cache_dir, get_module, input_dim, model_device
+from prune_lightning.stats.cache import (StatsSettings, accumulation_dtype, check_conditioning, check_max_length,
+                                         default_model_id, expected_metadata, load_cached, load_stats_file,
+                                         model_revision, read_metadata, stats_cache_path)
 from prune_lightning.stats.corpus import file_sha256, local_corpus_path
 from prune_lightning.stats.job import agree_on_missing
 from prune_lightning.stats.run import compute_second_moments
@@ -88,7 +89,10 @@ def second_moment(
     module = get_module(model, module_name)
     in_dim = input_dim(module)
     if stats_file is not None:
-        return load_stats_file(stats_file, in_dim=in_dim, module_name=module_name)
+        moment = load_stats_file(stats_file, in_dim=in_dim, module_name=module_name)
+        n_tokens = read_metadata(stats_file).get("n_tokens") if str(stats_file).endswith(".safetensors") else None
+        check_conditioning(module_name, moment, int(n_tokens) if n_tokens else None, device=model_device(model))
+        return moment
     return second_moments(
         model,
         tokenizer,
@@ -158,7 +162,7 @@ def second_moments(
     in_dims = {name: input_dim(get_module(model, name)) for name in names}
     settings = StatsSettings(
         corpus=corpus, n_samples=n_samples, dtype=accumulation_dtype(dtype)[1], batch_size=batch_size,
-        max_length=int(max_length) if max_length is not None else default_max_length(model), max_tokens=max_tokens,
+        max_length=check_max_length(model, max_length), max_tokens=max_tokens,
         cache_dir=cache_dir, model_id=model_id or default_model_id(model), checkpoint_dir=checkpoint_dir,
         checkpoint_every_n_steps=checkpoint_every_n_steps, num_workers=num_workers,
     )
@@ -171,7 +175,8 @@ def second_moments(
         path = stats_cache_path(settings.model_id, name, corpus, n_samples, settings.dtype, cache_dir=cache_dir,
                                 max_tokens=max_tokens)
         expected = expected_metadata(settings.model_id, name, corpus, n_samples, settings.dtype, settings.max_length,
-                                     max_tokens=max_tokens, corpus_sha256=corpus_sha256)
+                                     max_tokens=max_tokens, corpus_sha256=corpus_sha256,
+                                     model_revision=model_revision(model))
         cached = load_cached(path, expected, in_dims[name]) if path.exists() and not recompute else None
         if cached is None:
             missing.append(name)
@@ -185,4 +190,10 @@ def second_moments(
             f"{corpus} (cache: {Path(cache_dir) if cache_dir is not None else default_cache_dir() / 'stats'})"
         )
         results.update(compute_second_moments(model, tokenizer, missing, settings))
+    device = model_device(model)
+    for name in names:
+        path = stats_cache_path(settings.model_id, name, corpus, n_samples, settings.dtype, cache_dir=cache_dir,
+                                max_tokens=max_tokens)
+        n_tokens = read_metadata(path).get("n_tokens") if path.exists() else None
+        check_conditioning(name, results[name], int(n_tokens) if n_tokens else None, device=device)
     return {name: results[name] for name in names}

@@ -14,10 +14,13 @@ returns the same matrices and process 0 writes the files. All processes must cal
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +40,8 @@ from prune_lightning.stats.cache import StatsSettings, default_max_length, defau
 from prune_lightning.stats.corpus import corpus_name, file_sha256, local_corpus_path
 from prune_lightning.stats.job import EXPECTED_WARNINGS, SecondMomentJob, outer_world
 
-__all__ = ["StatsProgressBar", "checkpoint_callback", "compute_second_moments", "quiet_lightning"]
+__all__ = ["StatsLockedError", "StatsProgressBar", "checkpoint_callback", "checkpoint_lock", "compute_second_moments",
+           "quiet_lightning"]
 
 _DEFAULT_CHECKPOINT_INTERVAL = timedelta(minutes=10)
 
@@ -140,10 +144,10 @@ def compute_second_moments(
     accelerator = {"cuda": "gpu"}.get(device.type, device.type)
     show_bar = progress_bar and rank == 0
     last = checkpoint_dir / "last.ckpt"
-    ckpt_path = str(last) if last.exists() else None
-    if ckpt_path is not None:
-        rank_zero_info(f"Resuming the statistics of {', '.join(module_names)} from {last}")
-    with quiet_lightning():
+    with checkpoint_lock(checkpoint_dir), quiet_lightning():
+        ckpt_path = str(last) if last.exists() else None
+        if ckpt_path is not None:
+            rank_zero_info(f"Resuming the statistics of {', '.join(module_names)} from {last}")
         trainer = Trainer(
             accelerator=accelerator,
             devices=[device.index if device.index is not None else torch.cuda.current_device()]
@@ -162,14 +166,51 @@ def compute_second_moments(
             use_distributed_sampler=False,
         )
         trainer.fit(job, ckpt_path=ckpt_path)
-    if not job.finished:
-        raise RuntimeError(f"The statistics job stopped before the end of its stream; its checkpoint is {last}")
-    if not keep_checkpoints:
-        run_dir = checkpoint_dir if world == 1 else checkpoint_dir.parent
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()  # .partial, when nothing else is in progress
+        if not job.finished:
+            raise RuntimeError(f"The statistics job stopped before the end of its stream; its checkpoint is {last}")
+        if not keep_checkpoints:
+            run_dir = checkpoint_dir if world == 1 else checkpoint_dir.parent
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # .partial, when nothing else is in progress
     return {name: job.moments[name] for name in module_names}
+
+
+class StatsLockedError(RuntimeError):
+    """Another statistics job holds the folder of partial sums that this one would resume from and write."""
+
+
+@contextlib.contextmanager
+def checkpoint_lock(directory: Union[str, Path]) -> Iterator[None]:
+    """An exclusive lock on a folder of partial sums (``<folder>/.lock``, ``flock``): two jobs started together never
+    resume from, or write, the same checkpoint. The second one is refused at once with :class:`StatsLockedError`,
+    naming the holder. (``flock`` locks are per machine: jobs on two nodes need separate folders.)
+
+    Args:
+        directory: The folder (created if missing).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StatsLockedError(
+            f"Another statistics job ({holder}) is computing into {directory} right now. Wait for it to finish (its "
+            "statistics land in the cache, where this run will find them), or give this run another checkpoint_dir."
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _partial_dir(job: SecondMomentJob, model: nn.Module, cache_dir: Optional[Union[str, Path]]) -> Path:
