@@ -62,11 +62,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from prune_lightning.editors.base import Editor, LowRankUpdate, Update
+from prune_lightning.editors.base import LowRankUpdate, Update
 from prune_lightning.stats import REFERENCE_CORPUS, second_moment
-from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, ValueSettings, check_templates, compute_key,
+from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, TemplatedEditor, ValueSettings, check_templates, compute_key,
                                            fact_representations, generate_context_templates, optimize_value,
-                                           template_groups, template_overhead)
+                                           template_groups)
 from prune_lightning.models import (full_weight, get_module, is_sharded_model, layer_template, linear_weight_names,
                                     mlp_out_template, num_layers, rank_one_in_layout, write_weight)
 
@@ -145,7 +145,7 @@ class ROMETrace:
     steps: int
 
 
-class ROME(Editor):
+class ROME(TemplatedEditor):
     """Rank-One Model Editing: one rank-one update of an MLP out-projection per request.
 
     Args:
@@ -311,21 +311,6 @@ class ROME(Editor):
             groups = [["{}"] + generated]  # compute_u.py: one average over all templates
         self.context_template_groups = groups
         self.context_templates = [t for group in groups for t in group]
-
-    def settings(self) -> dict:
-        """The constructor's arguments; ``context_templates`` as given (the generated ones follow from the seed)."""
-        return {**super().settings(), "context_templates": self._given_templates}
-
-    def prompt_overhead(self, tokenizer) -> int:
-        """Tokens the longest context template puts before a prompt (for checking prompt lengths before a run).
-
-        Args:
-            tokenizer: The model's tokenizer.
-        """
-        templates = self.context_templates if self.context_templates is not None else self._given_templates
-        if templates is not None and not all(isinstance(t, str) for t in templates):
-            templates = [t for group in templates for t in ([group] if isinstance(group, str) else group)]
-        return template_overhead(tokenizer, templates, self.context_template_lengths)
 
     def compute_update(self, model: nn.Module, tokenizer, requests: Sequence) -> dict[str, Update]:
         """The rank-``len(requests)`` update of the edited matrix that writes the requests' new targets.

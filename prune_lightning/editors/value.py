@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from prune_lightning.distributed import current_split
+from prune_lightning.editors.base import Editor
 from prune_lightning.models import (eval_mode, hidden_size, input_dim, is_sharded_model, logits_from_hidden,
                                     model_device, output_dim, removing_hooks)
 from prune_lightning.tokens import continuation_ids, pad_id, pad_right
@@ -79,6 +80,7 @@ __all__ = [
     "KL_PROMPT",
     "SITES",
     "TEMPLATE_PROMPTS",
+    "TemplatedEditor",
     "ValueResult",
     "ValueSettings",
     "check_templates",
@@ -242,6 +244,33 @@ def generate_context_templates(
                     text = unicodedata.normalize("NFKD", tokenizer.decode(row, skip_special_tokens=True))
                     templates.append(text.replace("\n\n", " ").replace("{", " ").replace("}", " ") + ". {}")
     return templates
+
+
+class TemplatedEditor(Editor):
+    """Base of the editors that read keys and fit values through context templates (ROME, MEMIT, AlphaEdit).
+
+    Subclasses keep the constructor's ``context_templates`` as ``_given_templates`` and set ``context_templates``
+    (flat) in ``setup``; ``context_template_lengths`` are the ``(length, count)`` pairs of generated ones.
+    """
+
+    _given_templates: Optional[Templates] = None
+    context_templates: Optional[list[str]] = None
+    context_template_lengths: tuple = ()
+
+    def settings(self) -> dict:
+        """The constructor's arguments; ``context_templates`` as given (the generated ones follow from the seed)."""
+        return {**super().settings(), "context_templates": self._given_templates}
+
+    def prompt_overhead(self, tokenizer) -> int:
+        """Tokens the longest context template puts before a prompt (for checking prompt lengths before a run).
+
+        Args:
+            tokenizer: The model's tokenizer.
+        """
+        templates = self.context_templates if self.context_templates is not None else self._given_templates
+        if templates is not None and not all(isinstance(t, str) for t in templates):
+            templates = [t for group in templates for t in ([group] if isinstance(group, str) else group)]
+        return template_overhead(tokenizer, templates, self.context_template_lengths)
 
 
 # --------------------------------------------------------------------------------------------------------------------
