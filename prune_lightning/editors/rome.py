@@ -63,12 +63,12 @@ import torch
 from torch import nn
 
 from prune_lightning.editors.base import LowRankUpdate, Update
-from prune_lightning.stats import REFERENCE_CORPUS, second_moment
-from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, TemplatedEditor, ValueSettings, check_templates, compute_key,
-                                           fact_representations, generate_context_templates, optimize_value,
-                                           template_groups)
+from prune_lightning.editors.templates import (FACT_TOKENS, TEMPLATE_PROMPTS, TemplatedEditor, check_templates,
+                                               generate_context_templates, template_groups)
+from prune_lightning.editors.value import ValueSettings, compute_key, fact_representations, optimize_value
 from prune_lightning.models import (full_weight, get_module, is_sharded_model, layer_template, linear_weight_names,
                                     mlp_out_template, num_layers, rank_one_in_layout, write_weight)
+from prune_lightning.stats import REFERENCE_CORPUS, second_moment
 
 __all__ = ["ROME", "ROME_PRESETS", "ROMETrace"]
 

@@ -1,33 +1,22 @@
-r"""What the key-value editors share: context templates, keys, and the optimisation of the value.
+r"""What the key-value editors share: keys, and the optimisation of the value.
 
 ROME, MEMIT and AlphaEdit read an MLP out-projection ``W`` as a linear key-value memory. Each of them needs, for a
 request ``"The mother tongue of {} is" / "Danielle Darrieux" -> "English"``:
 
 1. **Context templates**: short texts that the prompt is appended to (``"I like it. {}"``), so that the key and
-   the value do not depend on one exact wording (:func:`generate_context_templates`).
+   the value do not depend on one exact wording (:mod:`.templates`).
 2. **The key** ``k*``: the input of ``W`` at the *fact token* (the subject's last token, or the prompt's last one),
    averaged over the templated prompts (:func:`compute_key`).
 3. **The value**: a vector ``delta`` added to an output at the fact token, fitted with Adam until the model says
    the new target (:func:`optimize_value`). ROME writes ``delta`` into ``W`` at once; MEMIT spreads it over several
    layers.
 
-The three steps live here, once, so that every editor computes them the same way; the editors own only their closed
-forms. Everything below follows the authors' code by default, so that the published hyperparameters mean what they
+They live here and in :mod:`.templates`, once, so that every editor computes them the same way; the editors own
+only their closed forms. Everything below follows the authors' code by default, so that the published hyperparameters mean what they
 meant in the papers. The references are ``kmeng01/rome`` (``rome/compute_u.py``, ``rome/compute_v.py``,
 ``rome/rome_main.py``, ``rome/repr_tools.py``), ``kmeng01/memit`` (``memit/compute_z.py``,
 ``memit/compute_ks.py``, ``memit/memit_main.py``) and, for LLaMA, ``zjunlp/EasyEdit``
 (``easyeditor/models/rome/compute_v.py``, ``easyeditor/models/memit/compute_z.py``), which the PRUNE paper used.
-
-Templates (``rome_main.get_context_templates``, ``memit_main.get_context_templates``). The plain ``"{}"`` comes
-first, then texts sampled from the model with top-5 sampling, each followed by ``". {}"``. A ``(length, count)``
-pair asks for ``count`` texts of ``length`` tokens *in all*, the opening prompt included (the reference's
-``max_out_len``). ROME's GPT-2 code opens every text with the end-of-text token (``prompts="eos"``); MEMIT's code,
-and EasyEdit's ROME and MEMIT, open them with "The", "Therefore", "Because", "I", "You" in turn
-(``prompts="prefixes"``). Texts are NFKD-normalised, blank lines become spaces and braces become spaces.
-
-Template groups (``compute_ks.py``). MEMIT averages a key within each group of templates first - the plain prompt
-alone, the generated texts together - and then over the groups, so the plain prompt weighs as much as all the
-generated ones together. ROME (``compute_u.py``) averages over all its templates at once: one group.
 
 The value optimisation (``compute_v.py``, ``compute_z.py``). One batch holds every templated prompt followed by
 the target's tokens but the last (teacher forcing), plus the prompt ``"{subject} is a"``. At every row's fact token
@@ -45,10 +34,6 @@ loss, stops if the *total* loss is below ``early_stop_loss`` (0.05) or if this i
 takes one Adam step and then clamps ``||delta|| <= clamp_norm_factor * ||h||``. So ``v_num_grad_steps=20`` takes at
 most 19 Adam steps, as the reference does.
 
-Fact tokens (``repr_tools.py``). ``"subject_last"`` is the last token of the subject in the tokenized text (counted
-with any BOS token the tokenizer adds, as EasyEdit counts it). ``"last"`` is the prompt's last token, before the
-target's tokens: EasyEdit's fix of ROME's ``-1``, which in a right-padded batch can point at padding.
-
 Target tokens: :func:`prune_lightning.tokens.continuation_ids`, the same definition as the edit metrics use. On
 SentencePiece tokenizers (LLaMA-2) this differs from EasyEdit, which keeps a lone ``"▁"`` before the target.
 
@@ -62,7 +47,6 @@ tolerance. On a sharded model (``even``) every rank runs as many rows, padding w
 from __future__ import annotations
 
 import math
-import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -70,207 +54,24 @@ import torch
 from torch import nn
 
 from prune_lightning.distributed import current_split
-from prune_lightning.editors.base import Editor
+from prune_lightning.editors.templates import encode
 from prune_lightning.models import (eval_mode, hidden_size, input_dim, is_sharded_model, logits_from_hidden,
                                     model_device, output_dim, removing_hooks)
 from prune_lightning.tokens import continuation_ids, pad_id, pad_right
 
 __all__ = [
-    "FACT_TOKENS",
     "KL_PROMPT",
     "SITES",
-    "TEMPLATE_PROMPTS",
-    "TemplatedEditor",
     "ValueResult",
     "ValueSettings",
-    "check_templates",
     "compute_key",
-    "encode",
     "fact_representations",
-    "generate_context_templates",
     "optimize_value",
-    "render",
-    "template_groups",
-    "template_overhead",
 ]
 
-FACT_TOKENS = ("subject_last", "last")
 SITES = ("module", "block")
-TEMPLATE_PROMPTS = ("eos", "prefixes")
 #: The prompt whose next-token distribution the KL term keeps: what the model thinks the subject *is*.
 KL_PROMPT = "{} is a"
-# Openings of the generated context templates with prompts="prefixes" (cycled through).
-_TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
-_TEMPLATE_TOP_K = 5
-
-Templates = Union[Sequence[str], Sequence[Sequence[str]]]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# templates and tokens
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def check_template(template: str) -> str:
-    """``template`` itself, if it holds exactly one ``{}`` where the prompt goes; else a ``ValueError``."""
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ValueError(f"A context template needs exactly one '{{}}' where the prompt goes, got {template!r}")
-    return template
-
-
-def check_templates(templates: Templates) -> list[list[str]]:
-    """Context templates as groups: a list of lists of templates (each checked), none of them empty.
-
-    Args:
-        templates: A flat list of templates (one group) or a list of groups.
-    """
-    if isinstance(templates, str) or not templates:
-        raise ValueError(f"context templates must be a non-empty list (of templates, or of groups), got {templates!r}")
-    if all(isinstance(t, str) for t in templates):
-        groups = [list(templates)]
-    else:
-        groups = [[t] if isinstance(t, str) else list(t) for t in templates]
-    for group in groups:
-        if not group:
-            raise ValueError(f"context templates hold an empty group: {templates!r}")
-        for template in group:
-            check_template(template)
-    return groups
-
-
-def template_groups(templates: Templates, plain_alone: bool) -> list[list[str]]:
-    """The groups a key is averaged over (see the module docstring).
-
-    Args:
-        templates: A flat list of templates, or explicit groups (a list of lists), kept as given.
-        plain_alone: For a flat list: put the plain ``"{}"`` in a group of its own and the other templates in
-            another, as MEMIT's reference groups its templates; otherwise one group of all of them (ROME).
-    """
-    groups = check_templates(templates)
-    nested = not all(isinstance(t, str) for t in templates)
-    if nested or not plain_alone:
-        return groups
-    flat = groups[0]
-    plain = [t for t in flat if t == "{}"]
-    rest = [t for t in flat if t != "{}"]
-    return [g for g in (plain, rest) if g]
-
-
-def template_overhead(tokenizer, templates: Optional[Sequence[str]], lengths: Sequence[tuple[int, int]]) -> int:
-    """Tokens the longest context template adds to a prompt: counted for known templates; before they are generated,
-    their length in all plus two (``". "``), which a re-encoded sampled text may exceed by a little.
-
-    Args:
-        tokenizer: The model's tokenizer.
-        templates: The templates, if known (given, or generated in ``setup``).
-        lengths: The ``(length, count)`` pairs they will be generated with.
-    """
-    if templates:
-        return max(len(tokenizer(t.replace("{}", ""), add_special_tokens=False)["input_ids"]) for t in templates)
-    return max((int(length) + 2 for length, count in lengths if count), default=0)
-
-
-def render(template: str, prompt: str, subject: str) -> tuple[str, int]:
-    """``template.format(prompt.format(subject))`` and the character offset just past the subject in it."""
-    marked_prompt = prompt.format("\0")
-    subject_start = marked_prompt.index("\0")
-    rendered = marked_prompt.replace("\0", subject)
-    marked = template.format("\0")
-    prompt_start = marked.index("\0")
-    text = marked.replace("\0", rendered)
-    return text, prompt_start + subject_start + len(subject)
-
-
-def encode(tokenizer, template: str, prompt: str, subject: str, fact_token: str) -> tuple[list[int], int]:
-    """Token ids of ``template`` around the rendered ``prompt``, and the index of the fact token in them.
-
-    Args:
-        tokenizer: The model's tokenizer.
-        template: A context template with one ``{}``.
-        prompt: The request's prompt with one ``{}`` for the subject.
-        subject: The subject.
-        fact_token: ``"subject_last"`` (the subject's last token) or ``"last"`` (the text's last token).
-    """
-    if fact_token not in FACT_TOKENS:
-        raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {fact_token!r}")
-    text, subject_end = render(template, prompt, subject)
-    ids = list(tokenizer(text)["input_ids"])
-    if fact_token == "last":
-        return ids, len(ids) - 1
-    prefix = tokenizer(text[:subject_end])["input_ids"]
-    return ids, min(len(prefix), len(ids)) - 1
-
-
-def generate_context_templates(
-    model: nn.Module, tokenizer, lengths: Sequence[tuple[int, int]], seed: int = 0, prompts: str = "prefixes"
-) -> list[str]:
-    """``"<text>. {}"`` for texts sampled from the model with seeded top-5 sampling (the plain ``"{}"`` not included).
-
-    Args:
-        model: The model the texts are sampled from.
-        tokenizer: Its tokenizer.
-        lengths: ``(length, count)`` pairs: ``count`` texts of ``length`` tokens in all, opening included.
-        seed: Seed of a CPU ``torch.Generator``: the templates depend only on the model, the tokenizer and the seed.
-        prompts: ``"eos"``: every text opens with the end-of-text token (ROME's GPT-2 code); ``"prefixes"``: the
-            openings cycle through "The", "Therefore", "Because", "I", "You" (MEMIT's code, EasyEdit).
-    """
-    if prompts not in TEMPLATE_PROMPTS:
-        raise ValueError(f"template prompts must be one of {TEMPLATE_PROMPTS}, got {prompts!r}")
-    if prompts == "eos":
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            raise ValueError("The tokenizer has no end-of-text token to open the context templates with; use "
-                             "template_prompts='prefixes'")
-        openings = [[int(eos)]]
-    else:
-        openings = [list(tokenizer(prefix)["input_ids"]) for prefix in _TEMPLATE_PREFIXES]
-    generator = torch.Generator().manual_seed(seed)
-    device = model_device(model)
-    templates: list[str] = []
-    with eval_mode(model), torch.no_grad():
-        for length, count in lengths:
-            for p, opening in enumerate(openings):
-                n = len(range(p, count, len(openings)))
-                if n == 0:
-                    continue
-                ids = torch.tensor([opening] * n, device=device)
-                for _ in range(max(int(length) - len(opening), 0)):
-                    logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
-                    top = torch.topk(logits, k=min(_TEMPLATE_TOP_K, logits.shape[-1]), dim=-1)
-                    probs = torch.softmax(top.values, dim=-1).cpu()
-                    choice = torch.multinomial(probs, 1, generator=generator)
-                    ids = torch.cat([ids, top.indices.cpu().gather(1, choice).to(device)], dim=1)
-                for row in ids.tolist():
-                    text = unicodedata.normalize("NFKD", tokenizer.decode(row, skip_special_tokens=True))
-                    templates.append(text.replace("\n\n", " ").replace("{", " ").replace("}", " ") + ". {}")
-    return templates
-
-
-class TemplatedEditor(Editor):
-    """Base of the editors that read keys and fit values through context templates (ROME, MEMIT, AlphaEdit).
-
-    Subclasses keep the constructor's ``context_templates`` as ``_given_templates`` and set ``context_templates``
-    (flat) in ``setup``; ``context_template_lengths`` are the ``(length, count)`` pairs of generated ones.
-    """
-
-    _given_templates: Optional[Templates] = None
-    context_templates: Optional[list[str]] = None
-    context_template_lengths: tuple = ()
-
-    def settings(self) -> dict:
-        """The constructor's arguments; ``context_templates`` as given (the generated ones follow from the seed)."""
-        return {**super().settings(), "context_templates": self._given_templates}
-
-    def prompt_overhead(self, tokenizer) -> int:
-        """Tokens the longest context template puts before a prompt (for checking prompt lengths before a run).
-
-        Args:
-            tokenizer: The model's tokenizer.
-        """
-        templates = self.context_templates if self.context_templates is not None else self._given_templates
-        if templates is not None and not all(isinstance(t, str) for t in templates):
-            templates = [t for group in templates for t in ([group] if isinstance(group, str) else group)]
-        return template_overhead(tokenizer, templates, self.context_template_lengths)
 
 
 # --------------------------------------------------------------------------------------------------------------------
