@@ -327,12 +327,17 @@ class SequentialEditor(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["edit_registry"] = self.edit_registry.state_dict()
         checkpoint["requests_edited"] = self.requests_edited
+        editor_state = self.editor.state_dict() if callable(getattr(self.editor, "state_dict", None)) else {}
+        if editor_state:  # e.g. AlphaEdit's accumulated keys; restored after the editor's setup (a fresh state)
+            checkpoint["editor_state"] = editor_state
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "edit_registry" in checkpoint:
             self.edit_registry.load_state_dict(checkpoint["edit_registry"], model=self.model)
         self.requests_edited = int(checkpoint.get("requests_edited", 0))
+        if "editor_state" in checkpoint:
+            self.editor.load_state_dict(checkpoint["editor_state"])
 
     @override
     def on_train_end(self) -> None:

@@ -63,7 +63,8 @@ class Editor:
     """Base class of the editing methods :class:`~prune_lightning.SequentialEditor` drives.
 
     Subclass it (LightningCLI then offers every subclass as ``model.editor``); an object with the same three methods
-    also works when passed from Python.
+    also works when passed from Python. An editor that keeps state across batches (AlphaEdit) also overrides
+    :meth:`state_dict` / :meth:`load_state_dict`, so that a checkpoint resumes it.
     """
 
     #: Published hyperparameters by model name (``"gpt2-xl"``, ...), for :meth:`preset`.
@@ -95,6 +96,22 @@ class Editor:
         them; the module writes the returned updates.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_update(model, tokenizer, requests)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the editor carries from one edit batch to the next (AlphaEdit: the keys of the earlier edits), for
+        the checkpoint. Default: nothing (``{}``); such an editor is stateless between batches.
+
+        ``SequentialEditor`` saves a non-empty state under ``"editor_state"`` and hands it back to
+        :meth:`load_state_dict` on resume, after :meth:`setup` (which starts the state afresh for a new run).
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned. Default: nothing to restore.
+
+        Args:
+            state: A dict from :meth:`state_dict`.
+        """
 
 
 def implements_editor(obj: Any) -> bool:
