@@ -413,24 +413,45 @@ def _fit_ddp(source, root, devices, strategy, tiny_corpus):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_prune_rect_and_the_monitor_act_on_alphaedits_writes(tmp_path, counterfact_file, make_trainer, tiny_corpus):
-    from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback, RECTCallback
+def test_prune_and_the_monitor_act_on_alphaedits_writes_and_keep_the_projection(tmp_path, counterfact_file,
+                                                                                 make_trainer, tiny_corpus):
+    """PRUNE restrains the singular values of dW = W - W_0, not its right singular vectors, which AlphaEdit's writes
+    keep in P's range: the restrained update still leaves the null space's complement alone, dW (I - P) = 0."""
+    from prune_lightning.callbacks import ConditionNumberMonitor, PRUNECallback
 
-    callbacks = [ConditionNumberMonitor(every_n_edits=1), PRUNECallback(alpha=100.0, mode="online"),
-                 RECTCallback(ratio=0.5, mode="post_hoc")]
+    callbacks = [ConditionNumberMonitor(every_n_edits=1), PRUNECallback(alpha=100.0, mode="online")]
     module = _fit(counterfact_file(4), tmp_path, make_trainer, callbacks=callbacks, tiny_corpus=tiny_corpus)
-    trainer = module.trainer
-    header = set(read_csv_metrics(trainer)[0])
-    for name in module.edited_parameter_names:
+    rows = read_csv_metrics(module.trainer)
+    header = set(rows[0])
+    assert {"edit/null_space_fraction/layer_0", "edit/preserved_edit_keys"} <= header
+    for layer, name in zip(LAYERS, module.edited_parameter_names):
         short = name.removesuffix(".weight")
-        assert {f"condition/{short}/kappa", f"prune/{short}/restrained", f"rect/{short}/kept"} <= header
+        assert {f"condition/{short}/kappa", f"condition/{short}/sigma_max_dW"} <= header
+        assert sum(float(r[f"prune/{short}/restrained"]) for r in rows if r.get(f"prune/{short}/restrained")) > 0
+        entry = module.edit_registry[name]
+        delta = get_parameter(module.model, name).detach().double() - entry.w0.double()
+        torch.testing.assert_close(entry.delta.dense().double(), delta, rtol=0, atol=1e-6)
+        assert entry.delta.is_lowrank and entry.delta.rank <= 4  # two rank-2 batches, restrained as factors
+        dw = delta.T  # tiny:gpt2's Conv1D stores (in, out)
+        complement = torch.eye(dw.shape[1], dtype=torch.float64) - module.editor.projections[layer].double()
+        assert (dw @ complement).norm() <= 1e-5 * dw.norm()
+    assert callbacks[1].restraints == 2
+
+
+def test_rect_acts_on_alphaedits_writes(tmp_path, counterfact_file, make_trainer, tiny_corpus):
+    """RECT keeps the top entries by relative change (elementwise: unlike PRUNE, it leaves the projection's range)."""
+    from prune_lightning.callbacks import RECTCallback
+
+    rect = RECTCallback(ratio=0.5, mode="online")
+    module = _fit(counterfact_file(4), tmp_path, make_trainer, callbacks=[rect], tiny_corpus=tiny_corpus)
+    header = set(read_csv_metrics(module.trainer)[0])
+    for name in module.edited_parameter_names:
+        assert f"rect/{name.removesuffix('.weight')}/kept" in header
         entry = module.edit_registry[name]
         delta = get_parameter(module.model, name).detach() - entry.w0
         torch.testing.assert_close(entry.delta.dense(), delta, rtol=0, atol=1e-6)
-        kept = int((entry.delta.dense() != 0).sum())
-        assert kept <= math.ceil(0.5 * delta.numel())  # RECT's post-hoc mask, on what PRUNE left
-    assert {"edit/null_space_fraction/layer_0", "edit/preserved_edit_keys"} <= header
-    assert callbacks[1].restraints == 2 and callbacks[2].restraints == 1
+        assert 0 < int((delta != 0).sum()) <= math.ceil(0.5 * delta.numel())
+    assert rect.restraints == 2
 
 
 # --------------------------------------------------------------------------------------------------------------------
