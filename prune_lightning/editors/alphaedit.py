@@ -19,19 +19,21 @@ layer ``l = l_{j+1}``, on the weights updated so far:
 
       dW_l = R_l K_1^T P_l (K_p K_p^T P_l + K_1 K_1^T P_l + l2 * I)^{-1}                     (out x in)
 
-  It is the least-squares solution over updates of the form ``Delta P_l`` of::
+  It minimises, over the updates ``X`` with ``X = X P_l`` (the projected ones, ``Delta P_l`` in the paper)::
 
-      minimise   || Delta P_l K_1 - R_l ||^2  +  || Delta P_l K_p ||^2  +  l2 * || Delta P_l ||^2
+      || X K_1 - R_l ||^2  +  || X K_p ||^2  +  l2 * || X ||^2
 
-  (the reference solves for ``Delta`` and writes ``Delta P_l``, which is ``dW_l`` above.) Every ``dW_l`` is a value
-  factor ``R_l`` times a key factor ``A^{-1} P_l K_1`` with ``A = P_l (K_p K_p^T + K_1 K_1^T) + l2 * I``, solved in
-  float64, so it comes back as rank ``<= k`` factors, as MEMIT's do.
+  (the stationarity condition ``X (K_1 K_1^T + K_p K_p^T) P_l + l2 X P_l = R_l K_1^T P_l`` holds for ``dW_l``, and
+  ``dW_l = dW_l P_l``: below). Every ``dW_l`` is a value factor ``R_l`` times a key factor ``A^{-1} P_l K_1`` with
+  ``A = P_l (K_p K_p^T + K_1 K_1^T) + l2 * I`` - the reference's ``torch.linalg.solve`` - done in float64, so it comes
+  back as rank ``<= k`` factors, as MEMIT's do.
 - ``dW_l`` is written into ``W_l`` for the moment, so the keys and hidden states of the layers above see it.
 
-Why the preserved keys keep their values. ``A (I - P) = l2 (I - P)`` because ``P (I - P) = 0``, so ``A^{-1}`` maps
+Why the preserved keys keep their values. ``A^T (I - P) = l2 (I - P)`` because ``P (I - P) = 0``, so ``A^{-T}`` maps
 the complement of ``P``'s range into itself, and ``dW_l x = R_l (A^{-1} P K_1)^T x = R_l K_1^T P A^{-T} x`` vanishes
-for every ``x`` with ``P x = 0``. The preserved keys' values, and so every hidden state computed from them, stay as
-they were - up to the keys whose component in the null space is not exactly zero (the threshold).
+for every ``x`` with ``P x = 0``: ``dW_l = dW_l P_l``. The preserved keys' values, and so every hidden state computed
+from them, stay as they were - up to the keys' components along eigenvectors of ``C`` whose eigenvalues are small
+but not zero: the threshold counts those as null space, and ``P`` keeps them.
 
 After the batch, its keys join the preserved edits: ``K_p K_p^T += K_1 K_1^T`` at every layer. The reference
 (``AlphaEdit_main.py``) recomputes the keys on the edited model for that; the key of layer ``l_{j+1}`` depends only on
@@ -577,9 +579,15 @@ class AlphaEdit(Editor):
     # ------------------------------------------------------------------------------------------------------------
 
     def _solve(self, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``A^{-1} P K_1`` with ``A = P (K_p K_p^T + K_1 K_1^T) + l2 I``, in float64; and ``||P K_1|| / ||K_1||``."""
+        """``A^{-1} P K_1`` with ``A = P (K_p K_p^T + K_1 K_1^T) + l2 I``, in float64; and ``||P K_1|| / ||K_1||``.
+
+        Runs where the keys are (the edited matrix's device); ``P`` and ``K_p K_p^T`` move there once, e.g. from the
+        CPU where a model that is sharded later was set up.
+        """
+        device = keys.device
+        if self.projections[layer].device != device:
+            self.projections[layer] = self.projections[layer].to(device)
         projection = self.projections[layer]
-        device = projection.device
         p = projection.to(torch.float64)
         keys = keys.to(device=device, dtype=torch.float64)
         gram = self._gram(layer).to(device=device, dtype=torch.float64)
