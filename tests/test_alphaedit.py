@@ -377,6 +377,7 @@ class _SaveEditorState(Callback):
                    f"{self.out_dir}/rank{trainer.global_rank}-of{trainer.world_size}.pt")
 
 
+@pytest.mark.slow  # multi-process (the marker main registers for `pytest -m "not slow"`)
 def test_ddp_ranks_accumulate_the_same_keys_as_one_process(tmp_path, counterfact_file, make_trainer, tiny_corpus):
     source = counterfact_file(4)
     for devices in (1, 2):

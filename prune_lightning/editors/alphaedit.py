@@ -78,7 +78,10 @@ from prune_lightning.distributed import current_split
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.editors.nullspace import (NULLSPACE_THRESHOLD, load_or_compute_projection, moment_digest,
                                                projection_cache_path)
-from prune_lightning.editors.stats import REFERENCE_CORPUS, second_moment, second_moments, stats_cache_path
+try:  # the statistics' public face, here until they move to the prune_lightning.stats package
+    from prune_lightning.editors.stats import REFERENCE_CORPUS, second_moment, second_moments, stats_cache_path
+except ImportError:  # after that move (keep only this import once it is merged)
+    from prune_lightning.stats import REFERENCE_CORPUS, second_moment, second_moments, stats_cache_path
 from prune_lightning.editors.value import (FACT_TOKENS, TEMPLATE_PROMPTS, ValueSettings, check_templates, compute_key,
                                            fact_representations, generate_context_templates, optimize_value,
                                            template_groups)
