@@ -301,6 +301,9 @@ class SequentialEditor(LightningModule):
                 raise BadUpdateError(f"{message}. The weights are as before this batch. on_bad_update='skip' leaves "
                                      "such requests out and goes on.")
             rank_zero_warn(f"{message}; skipped (on_bad_update='skip'): the weights are as before this batch.")
+            discard = getattr(self.editor, "discard_last_update", None)
+            if callable(discard):  # an editor's state (AlphaEdit's accumulated keys) forgets the batch too
+                discard()
             self.requests_skipped += len(requests)
         else:
             with torch.no_grad():
@@ -395,6 +398,9 @@ class SequentialEditor(LightningModule):
         checkpoint["requests_edited"] = self.requests_edited
         checkpoint["requests_skipped"] = self.requests_skipped
         checkpoint["run_signature"] = self.run_signature()
+        editor_state = self.editor.state_dict() if callable(getattr(self.editor, "state_dict", None)) else {}
+        if editor_state:  # e.g. AlphaEdit's accumulated keys; restored after the editor's setup (a fresh state)
+            checkpoint["editor_state"] = editor_state
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -411,6 +417,8 @@ class SequentialEditor(LightningModule):
             self.edit_registry.load_state_dict(checkpoint["edit_registry"], model=self.model)
         self.requests_edited = int(checkpoint.get("requests_edited", 0))
         self.requests_skipped = int(checkpoint.get("requests_skipped", 0))
+        if "editor_state" in checkpoint:
+            self.editor.load_state_dict(checkpoint["editor_state"])
 
     @override
     def on_train_end(self) -> None:

@@ -3,9 +3,11 @@
     from prune_lightning.editors import ROME, MEMIT, FineTune
     editor = ROME.preset("gpt2-xl")          # the paper's hyperparameters
     editor = MEMIT.preset("llama3-8b")       # a batch of facts spread over layers 4-8
+    editor = AlphaEdit.preset("gpt2-xl")     # MEMIT-style batches projected onto the preserved keys' null space
     editor = FineTune(layers=[0])            # FT-L: constrained fine-tuning, dense updates
 """
 
+from prune_lightning.editors.alphaedit import ALPHAEDIT_PRESETS, AlphaEdit
 from prune_lightning.editors.base import Editor, LowRankUpdate, Update
 from prune_lightning.editors.ft import FineTune
 from prune_lightning.editors.memit import MEMIT, MEMIT_PRESETS
@@ -20,6 +22,8 @@ __all__ = [
     "ROME_PRESETS",
     "MEMIT",
     "MEMIT_PRESETS",
+    "AlphaEdit",
+    "ALPHAEDIT_PRESETS",
     "FineTune",
     "second_moment",
     "second_moments",

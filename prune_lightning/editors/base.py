@@ -28,7 +28,8 @@ class Editor:
     """Base class of the editing methods :class:`~prune_lightning.SequentialEditor` drives.
 
     Subclass it (LightningCLI then offers every subclass as ``model.editor``); an object with the same three methods
-    also works when passed from Python.
+    also works when passed from Python. An editor that keeps state across batches (AlphaEdit) also overrides
+    :meth:`state_dict` / :meth:`load_state_dict`, so that a checkpoint resumes it.
     """
 
     #: Published hyperparameters by model name (``"gpt2-xl"``, ...), for :meth:`preset`.
@@ -53,6 +54,11 @@ class Editor:
     def setup(self, model: nn.Module, tokenizer: Any) -> None:
         """Called once before the first edit (load or compute statistics, check the model)."""
 
+    def discard_last_update(self) -> None:
+        """Called when the updates of the last :meth:`compute_update` were not written (``SequentialEditor`` with
+        ``on_bad_update="skip"``): an editor that keeps state across batches (AlphaEdit's accumulated keys) undoes
+        what that call added to it. Default: nothing to undo."""
+
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments as the editor holds them: what a resume compares with the checkpoint's run.
 
@@ -74,6 +80,22 @@ class Editor:
         them; the module writes the returned updates.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_update(model, tokenizer, requests)")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the editor carries from one edit batch to the next (AlphaEdit: the keys of the earlier edits), for
+        the checkpoint. Default: nothing (``{}``); such an editor is stateless between batches.
+
+        ``SequentialEditor`` saves a non-empty state under ``"editor_state"`` and hands it back to
+        :meth:`load_state_dict` on resume, after :meth:`setup` (which starts the state afresh for a new run).
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned. Default: nothing to restore.
+
+        Args:
+            state: A dict from :meth:`state_dict`.
+        """
 
 
 def implements_editor(obj: Any) -> bool:

@@ -60,6 +60,7 @@ from torch import nn
 from prune_lightning.editors.base import LowRankUpdate, Update
 from prune_lightning.editors.templates import (FACT_TOKENS, TEMPLATE_PROMPTS, TemplatedEditor, check_templates,
                                                generate_context_templates, template_groups)
+from prune_lightning.distributed import current_split
 from prune_lightning.editors.value import ValueSettings, compute_key, fact_representations, optimize_value
 from prune_lightning.models import (full_weight, get_module, hidden_size, is_sharded_model, layer_template,
                                     linear_weight_names, mlp_out_template, num_layers, output_dim,
@@ -382,6 +383,7 @@ class MEMIT(TemplatedEditor):
         originals = {layer: full_weight(module.weight).clone() for layer, module in modules.items()}
         updates: dict[str, Update] = {}
         layer_traces: list[MEMITLayerTrace] = []
+        batch_keys: dict[int, torch.Tensor] = {}
         try:
             for j, layer in enumerate(self.layers):
                 module = modules[layer]
@@ -390,6 +392,8 @@ class MEMIT(TemplatedEditor):
                     compute_key(model, tokenizer, module, r, self.context_template_groups, self.fact_token)
                     for r in requests
                 ], dim=1)  # K: (d_in, k)
+                keys = current_split().broadcast_(keys.contiguous())  # bit for bit the same keys on every rank
+                batch_keys[layer] = keys
                 current = fact_representations(model, tokenizer, site, requests, self.fact_token, "out")
                 missing = (targets.to(current.device) - current).T  # R: (d, k)
                 residual = missing.double() / (len(self.layers) - j)  # R_l
@@ -401,19 +405,13 @@ class MEMIT(TemplatedEditor):
                     key_factor.to(device=weight.device, dtype=out_dtype),
                 )
                 updates[self._module_name(model, layer) + ".weight"] = LowRankUpdate(left, right)
-                layer_traces.append(
-                    MEMITLayerTrace(
-                        layer=layer,
-                        keys=keys.detach().float().cpu(),
-                        residual=residual.float().cpu(),
-                        residual_norm=float(missing.float().norm(dim=0).mean()),
-                    )
-                )
+                layer_traces.append(self._layer_trace(layer, keys, residual, missing))
                 if j < len(self.layers) - 1:  # the layers above see this one's update
                     write_weight(weight, full_weight(weight).float() + (left @ right.T).float())
         finally:
             for layer, module in modules.items():
                 write_weight(module.weight, originals[layer])
+        self._batch_done(batch_keys, requests)
 
         self.last_trace = [
             MEMITTrace(case_id=request.case_id, delta=value.delta.detach().cpu(), target=value.target.detach().cpu(),
@@ -432,7 +430,24 @@ class MEMIT(TemplatedEditor):
         }
         for trace in layer_traces:
             self.last_metrics[f"residual_norm/layer_{trace.layer}"] = trace.residual_norm
+        self.last_metrics.update(self._extra_metrics(layer_traces))
         return updates
+
+    # ------------------------------------------------------------------------------------------------------------
+    # what a variant (AlphaEdit) changes
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _layer_trace(self, layer: int, keys: torch.Tensor, residual: torch.Tensor,
+                     missing: torch.Tensor) -> MEMITLayerTrace:
+        return MEMITLayerTrace(layer=layer, keys=keys.detach().float().cpu(), residual=residual.float().cpu(),
+                               residual_norm=float(missing.float().norm(dim=0).mean()))
+
+    def _batch_done(self, batch_keys: dict[int, torch.Tensor], requests: Sequence) -> None:
+        """Called once a batch's updates are computed, with its keys per layer (MEMIT keeps nothing)."""
+
+    def _extra_metrics(self, layer_traces: Sequence[MEMITLayerTrace]) -> dict[str, float]:
+        """Metrics a variant adds to ``last_metrics`` (MEMIT: none)."""
+        return {}
 
     # ------------------------------------------------------------------------------------------------------------
     # helpers
