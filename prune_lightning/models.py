@@ -442,6 +442,17 @@ def context_length(model: nn.Module) -> Optional[int]:
     return int(value) if value else None
 
 
+# Causal LMs whose logits are the output embedding of the base model's last hidden state, nothing more (no scaling,
+# no soft-capping): the logits at a few positions may be read off the hidden states there.
+_PLAIN_HEADS = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTJForCausalLM",
+                "GPTNeoXForCausalLM")
+
+
+def logits_at_supported(model: nn.Module) -> bool:
+    """Whether ``model.get_output_embeddings()(model.base_model(...).last_hidden_state)`` are the model's logits."""
+    return type(model).__name__ in _PLAIN_HEADS and model.get_output_embeddings() is not None
+
+
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits read from an intermediate block's output: the final norm, then the LM head (the logit lens)."""
     base = getattr(model, "base_model", model)

@@ -271,3 +271,31 @@ def test_memit_targets_are_the_block_output_plus_delta(lm, tiny_arch):
     torch.testing.assert_close(trace.target, h["out"] + trace.delta, rtol=1e-4, atol=1e-5)
     # A flat list is grouped as memit_main groups its templates: the plain prompt alone, the others together.
     assert editor.context_template_groups == [["{}"], TEMPLATES[1:]]
+
+
+def test_reusing_the_prefix_and_reading_few_logits_changes_nothing_but_the_work(lm, tiny_arch):
+    """The blocks below the site run once (not every round), the head runs only where the loss reads: the same
+    delta, losses and steps as the full computation of every round (the authors' way), to float rounding."""
+    model, tokenizer = lm
+    module, _ = _sites(model, tiny_arch, layer=2)
+    blocks = [get_module(model, _names(tiny_arch, i)[1]) for i in range(2)]
+    inner = [next(b.children()) for b in blocks]  # a submodule of each: it runs only when its block computes
+    calls = []
+    handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in inner]
+    try:
+        results = {}
+        for reuse, subset in ((False, False), (True, False), (False, True), (True, True)):
+            calls.clear()
+            settings = ValueSettings(num_grad_steps=5, early_stop_loss=-math.inf, reuse_prefix=reuse,
+                                     logits_subset=subset)
+            results[reuse, subset] = optimize_value(model, tokenizer, REQUEST, module, TEMPLATES, settings,
+                                                    prefix=blocks)
+            assert len(calls) == (len(blocks) if reuse else 5 * len(blocks)), (reuse, subset)
+    finally:
+        for handle in handles:
+            handle.remove()
+    full = results[False, False]
+    for key, result in results.items():
+        torch.testing.assert_close(result.delta, full.delta, rtol=1e-5, atol=1e-6)
+        assert result.steps == full.steps == 4 and result.loss == pytest.approx(full.loss, rel=1e-5), key
+    assert all("forward" not in vars(b) for b in blocks)  # every block computes again after the optimisation

@@ -204,6 +204,10 @@ class AlphaEdit(MEMIT):
         delta_site: Where ``delta`` is added: ``"block"`` (the last edited block's output, the authors' code) or
             ``"module"`` (its MLP out-projection's output).
         seed: Seed of the template generation.
+        reuse_prefix: Run the layers below the one ``delta`` is added to once per request, not in every round of the
+            value optimisation (they do not depend on ``delta``; the authors' code reruns them). Same result.
+        logits_subset: Compute the logits only where the value loss reads them (the authors' code computes all).
+            Same result.
     """
 
     presets = ALPHAEDIT_PRESETS
@@ -235,6 +239,8 @@ class AlphaEdit(MEMIT):
         template_prompts: str = "prefixes",
         delta_site: str = "block",
         seed: int = 0,
+        reuse_prefix: bool = True,
+        logits_subset: bool = True,
     ) -> None:
         if not mom2_adjustment:
             raise ValueError(
@@ -256,7 +262,8 @@ class AlphaEdit(MEMIT):
             early_stop_loss=early_stop_loss, mom2_adjustment=True, mom2_corpus=mom2_corpus,
             mom2_n_samples=mom2_n_samples, mom2_dtype=mom2_dtype, stats_file=stats_file,
             context_templates=context_templates, context_template_lengths=context_template_lengths,
-            template_prompts=template_prompts, delta_site=delta_site, seed=seed,
+            template_prompts=template_prompts, delta_site=delta_site, seed=seed, reuse_prefix=reuse_prefix,
+            logits_subset=logits_subset,
         )
         self.nullspace_threshold = float(nullspace_threshold)
         self.l2 = float(l2)

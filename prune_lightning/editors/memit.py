@@ -190,6 +190,10 @@ class MEMIT(TemplatedEditor):
         delta_site: Where ``delta`` is added: ``"block"`` (the last edited block's output, the authors' code) or
             ``"module"`` (its MLP out-projection's output).
         seed: Seed of the template generation.
+        reuse_prefix: Run the layers below the one ``delta`` is added to once per request, not in every round of the
+            value optimisation (they do not depend on ``delta``; the authors' code reruns them). Same result.
+        logits_subset: Compute the logits only where the value loss reads them (the authors' code computes all).
+            Same result.
     """
 
     presets = MEMIT_PRESETS
@@ -218,6 +222,8 @@ class MEMIT(TemplatedEditor):
         template_prompts: str = "prefixes",
         delta_site: str = "block",
         seed: int = 0,
+        reuse_prefix: bool = True,
+        logits_subset: bool = True,
     ) -> None:
         layers = list(layers) if not isinstance(layers, (int, str)) else layers
         if not isinstance(layers, list) or not layers:
@@ -259,6 +265,8 @@ class MEMIT(TemplatedEditor):
             kl_factor=float(kl_factor),
             early_stop_loss=float(early_stop_loss),
             site=delta_site,
+            reuse_prefix=bool(reuse_prefix),
+            logits_subset=bool(logits_subset),
         )
         self.layers = [int(layer) for layer in layers]
         self.module_template = module_template
@@ -281,6 +289,8 @@ class MEMIT(TemplatedEditor):
         self.template_prompts = template_prompts
         self.delta_site = delta_site
         self.seed = int(seed)
+        self.reuse_prefix = bool(reuse_prefix)
+        self.logits_subset = bool(logits_subset)
         self._given_templates = context_templates
         self._ready = False
         self.context_templates: Optional[list[str]] = None
@@ -370,9 +380,10 @@ class MEMIT(TemplatedEditor):
 
         # 1. The targets z_i at the output of the last edited layer, all on the unedited model.
         loss_block = self._loss_block(model)
+        prefix = [get_module(model, self._layer_name(model, i)) for i in range(self.layers[-1])]  # do not see delta
         values = [
             optimize_value(model, tokenizer, request, site, self.context_templates, self.value_settings,
-                           fact_token=self.fact_token, loss_block=loss_block)
+                           fact_token=self.fact_token, loss_block=loss_block, prefix=prefix)
             for request in requests
         ]
         targets = torch.stack([value.target for value in values])  # (k, d)

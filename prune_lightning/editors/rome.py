@@ -183,6 +183,10 @@ class ROME(TemplatedEditor):
         closed_form_key: The key in the denominator of the closed form: ``"plain"`` (the plain prompt's, the
             authors' code) or ``"averaged"`` (``k*``).
         seed: Seed of the template generation.
+        reuse_prefix: Run the layers below the one ``delta`` is added to once per request, not in every round of the
+            value optimisation (they do not depend on ``delta``; the authors' code reruns them). Same result.
+        logits_subset: Compute the logits only where the value loss reads them (the authors' code computes all).
+            Same result.
     """
 
     presets = ROME_PRESETS
@@ -211,6 +215,8 @@ class ROME(TemplatedEditor):
         delta_site: str = "module",
         closed_form_key: str = "plain",
         seed: int = 0,
+        reuse_prefix: bool = True,
+        logits_subset: bool = True,
     ) -> None:
         if fact_token not in FACT_TOKENS:
             raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {fact_token!r}")
@@ -233,6 +239,8 @@ class ROME(TemplatedEditor):
             kl_factor=float(kl_factor),
             early_stop_loss=float(early_stop_loss),
             site=delta_site,
+            reuse_prefix=bool(reuse_prefix),
+            logits_subset=bool(logits_subset),
         )
         self.layer = int(layer)
         self.module_template = module_template
@@ -255,6 +263,8 @@ class ROME(TemplatedEditor):
         self.delta_site = delta_site
         self.closed_form_key = closed_form_key
         self.seed = int(seed)
+        self.reuse_prefix = bool(reuse_prefix)
+        self.logits_subset = bool(logits_subset)
         self._given_templates = context_templates
         self.context_templates: Optional[list[str]] = None
         self.context_template_groups: list[list[str]] = []
@@ -376,8 +386,9 @@ class ROME(TemplatedEditor):
                     "(the presets do)."
                 )
             loss_block = get_module(model, self._layer_name(model, loss_layer))
+        prefix = [get_module(model, self._layer_name(model, i)) for i in range(self.layer)]  # do not see delta
         value = optimize_value(model, tokenizer, request, site, self.context_templates, self.value_settings,
-                               fact_token=self.fact_token, loss_block=loss_block)
+                               fact_token=self.fact_token, loss_block=loss_block, prefix=prefix)
         key_plain, out_plain = fact_representations(model, tokenizer, module, [request], self.fact_token, "both")
         key_plain, out_plain = key_plain[0], out_plain[0]
         # compute_v.py: (target - cur_output) / (cur_input . C^-1 k*); with delta at the block, delta itself.

@@ -55,8 +55,8 @@ from torch import nn
 
 from prune_lightning.distributed import current_split
 from prune_lightning.editors.templates import encode
-from prune_lightning.models import (eval_mode, hidden_size, input_dim, is_sharded_model, logits_from_hidden,
-                                    model_device, output_dim, removing_hooks)
+from prune_lightning.models import (eval_mode, hidden_size, input_dim, is_sharded_model, logits_at_supported,
+                                    logits_from_hidden, model_device, output_dim, removing_hooks)
 from prune_lightning.tokens import continuation_ids, pad_id, pad_right
 
 __all__ = [
@@ -190,6 +190,12 @@ class ValueSettings:
         early_stop_loss: Stop once the total loss is below this.
         site: Where ``delta`` is added: ``"module"`` (the edited projection's output, ROME) or ``"block"`` (the
             block's output, MEMIT).
+        reuse_prefix: Run the blocks below the site once, in the first round, and reuse their outputs in the others
+            (they do not depend on ``delta``); ``False`` runs the whole model every round, as the authors' code does.
+            The result is the same to float rounding.
+        logits_subset: Apply the final norm and the head only at the positions the loss reads (the target tokens
+            and the KL prompt's fact token); ``False`` computes every position's logits, as the authors' code does.
+            The result is the same to float rounding.
     """
 
     num_grad_steps: int = 20
@@ -199,6 +205,8 @@ class ValueSettings:
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
     site: str = "module"
+    reuse_prefix: bool = True
+    logits_subset: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.num_grad_steps, bool) or not isinstance(self.num_grad_steps, int) or self.num_grad_steps < 1:
@@ -262,6 +270,7 @@ def optimize_value(
     settings: ValueSettings,
     fact_token: str = "subject_last",
     loss_block: Optional[nn.Module] = None,
+    prefix: Sequence[nn.Module] = (),
 ) -> ValueResult:
     """Fits ``delta``, added to ``site``'s output at the fact tokens, so that the model says ``request.target_new``.
 
@@ -277,6 +286,8 @@ def optimize_value(
         fact_token: ``"subject_last"`` or ``"last"``.
         loss_block: A block whose output gives the target NLL through the final norm and the head (the logit lens,
             for a loss layer below the last); ``None`` reads the model's logits.
+        prefix: The blocks below the site's block, in order: with ``settings.reuse_prefix`` they run only in the
+            first round.
     """
     split = current_split()
     device = model_device(model)
@@ -311,10 +322,17 @@ def optimize_value(
         input_ids, attention_mask = pad_right(seqs, pad_id(tokenizer), device)
         rows = torch.arange(len(seqs), device=device)
         cols = torch.tensor(lookup, device=device)
+    # The positions the loss reads: every local rewrite row's target positions, then the KL prompt's fact token.
+    read_rows = [r for r in range(n_local) for _ in target_ids] + ([kl_row] if kl_row is not None else [])
+    read_cols = [c for pos in target_pos for c in pos] + ([kl_idx] if kl_row is not None else [])
+    read_rows_t = torch.tensor(read_rows, dtype=torch.long, device=device)
+    read_cols_t = torch.tensor(read_cols, dtype=torch.long, device=device)
+    n_target_reads = n_local * len(target_ids)
     if n_local:
-        tgt_rows = torch.arange(n_local, device=device)[:, None].expand(-1, len(target_ids))
-        tgt_cols = torch.tensor(target_pos, device=device)
         tgt_ids = torch.tensor(target_ids, device=device)[None, :].expand(n_local, -1)
+    sharded = is_sharded_model(model)  # the root's forward must run whole: its hooks gather the shards
+    head = "lens" if loss_block is not None else (
+        "subset" if settings.logits_subset and not sharded and logits_at_supported(model) else "full")
 
     state: dict[str, torch.Tensor] = {}
 
@@ -345,13 +363,23 @@ def optimize_value(
     kl_init: Optional[torch.Tensor] = None
     nll_init = loss_init = nll = loss_value = math.nan
     steps = 0
-    with eval_mode(model, freeze=True), removing_hooks(*handles):
+    reuse = _PrefixReuse(prefix if settings.reuse_prefix and seqs and not sharded else ())
+    with eval_mode(model, freeze=True), removing_hooks(*handles), reuse:
         for it in range(settings.num_grad_steps):
             if optimizer is not None:
                 optimizer.zero_grad()
             if seqs:
-                out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                logits = out.logits if loss_block is None else logits_from_hidden(model, captured["hidden"])
+                if head == "subset":
+                    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                              use_cache=False).last_hidden_state
+                    graph = hidden
+                    read = model.get_output_embeddings()(hidden[read_rows_t, read_cols_t])
+                else:
+                    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    graph = out.logits
+                    read = (out.logits[read_rows_t, read_cols_t] if head == "full"
+                            else logits_from_hidden(model, captured["hidden"][read_rows_t, read_cols_t]))
+                reuse.replay()  # from the second round on, the blocks below the site return their first outputs
             delta = state["delta"]
             if optimizer is None:
                 optimizer = torch.optim.Adam([delta], lr=settings.lr)
@@ -365,12 +393,12 @@ def optimize_value(
             local_loss: Optional[torch.Tensor] = None  # this rank's rows' part of the NLL and KL terms
             nll_sum = kl_value = None
             if n_local:
-                log_probs = torch.log_softmax(logits[tgt_rows, tgt_cols].float(), dim=-1)
+                log_probs = torch.log_softmax(read[:n_target_reads].float(), dim=-1).view(n_local, len(target_ids), -1)
                 row_nll = -log_probs.gather(-1, tgt_ids[..., None]).squeeze(-1).mean(dim=1)
                 nll_sum = row_nll.sum()
                 local_loss = nll_sum / n_rewrite
             if kl_row is not None:
-                kl_log_probs = torch.log_softmax(logits[kl_row, kl_idx].float(), dim=-1)
+                kl_log_probs = torch.log_softmax(read[n_target_reads].float(), dim=-1)
                 if kl_init is None:
                     kl_init = kl_log_probs.detach()
                 kl_value = torch.sum(kl_log_probs.exp() * (kl_log_probs - kl_init))  # KL(edited || original)
@@ -395,7 +423,7 @@ def optimize_value(
                 (local_loss + decay).backward()
             else:
                 if local_loss is None and split.even and seqs:  # padding only: join the others' backward
-                    local_loss = logits.sum() * 0.0
+                    local_loss = graph.sum() * 0.0
                 if local_loss is not None:
                     local_loss.backward()
                 grad = delta.grad if delta.grad is not None else torch.zeros_like(delta)
@@ -416,3 +444,41 @@ def optimize_value(
         loss=loss_value,
         steps=steps,
     )
+
+
+class _PrefixReuse:
+    """Runs the blocks below the site for real once, then has each return the output it gave then.
+
+    Within one value optimisation the rows and the weights do not change, and ``delta`` enters above these blocks, so
+    their outputs are the same every round. Each block's ``forward`` is replaced by one that returns its recorded
+    output (the blocks' hooks still run); everything is restored on exit.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.blocks = list(blocks)
+        self.outputs: dict[int, object] = {}
+        self.handles: list = []
+        self.replaying = False
+
+    def __enter__(self) -> "_PrefixReuse":
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_hook(
+                lambda _module, _args, output, i=i: self.outputs.__setitem__(i, output)))
+        return self
+
+    def replay(self) -> None:
+        if self.replaying or not self.blocks:
+            return
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for i, block in enumerate(self.blocks):
+            block.forward = lambda *args, _output=self.outputs[i], **kwargs: _output
+        self.replaying = True
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self.outputs = {}
