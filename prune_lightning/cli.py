@@ -11,7 +11,11 @@
 The model is a :class:`~prune_lightning.SequentialEditor` and the data an
 :class:`~prune_lightning.data.EditDataModule`; every argument of both, of the editor and of the trainer is
 configurable. A callback fragment under ``callbacks/`` is appended to whatever callbacks the experiment already lists
-with ``--trainer.callbacks+=<fragment.yaml>``.
+with ``--trainer.callbacks+=<fragment.yaml>``; a logger fragment under ``loggers/`` replaces the experiment's logger with
+``--trainer.logger=<fragment.yaml>``. Configs are parsed in LightningCLI's OmegaConf mode (``omegaconf+``): a value may
+interpolate another, and the interpolation is resolved after the command line's overrides. ``${run:<path>}`` names a
+setting of the run wherever it stands (``save_dir: ${run:trainer.default_root_dir}`` in a logger, in a preset or a
+fragment); OmegaConf's relative ``${..key}`` works too, but breaks when ``+=`` turns a node into a list.
 
 Errors a user can act on (a bad setting, a malformed record, a file that is missing, a refused resume) are printed as
 one line, ``prune-edit: error: ...``, with exit code 1; ``--debug`` (or ``PRUNE_EDIT_DEBUG=1``) shows the traceback
@@ -41,6 +45,12 @@ class PruneEditCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
+        # OmegaConf interpolation, resolved after the command line's overrides ("omegaconf+"): a preset's logger
+        # writes into ``${run:trainer.default_root_dir}``, so ``--trainer.default_root_dir`` moves the logs too.
+        register_resolvers()
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("parser_mode", "omegaconf+")
+        kwargs["parser_kwargs"] = parser_kwargs
         trainer_defaults = dict(TRAINER_DEFAULTS)
         trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
         super().__init__(SequentialEditor, EditDataModule, *args, trainer_defaults=trainer_defaults, **kwargs)
@@ -60,6 +70,36 @@ class PruneEditCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning would load the checkpoint's hyperparameters over the command line's here. Not here: the command
         line stands, and the module refuses a checkpoint of a run that differs in what defines it."""
+
+
+_MISSING = object()
+
+
+def run_setting(path: str, *, _root_: Any) -> Any:
+    """The OmegaConf resolver ``${run:<path>}``: the value at ``path`` (``trainer.default_root_dir``) of the run's
+    config, wherever the interpolation stands.
+
+    A relative interpolation (``${...default_root_dir}``) breaks when the node moves - ``--trainer.logger+=`` turns
+    the experiment's one logger into a list - and an absolute one would have to name the subcommand
+    (``${fit.trainer.default_root_dir}``); this one does neither.
+    """
+    from omegaconf import OmegaConf
+
+    node = _root_
+    if "trainer" not in node and len(node) == 1:  # the parser resolves {<subcommand>: config}
+        node = node[next(iter(node))]
+    value = OmegaConf.select(node, path, default=_MISSING)
+    if value is _MISSING:
+        raise ValueError(f"${{run:{path}}}: the config has no setting {path!r}")
+    return value
+
+
+def register_resolvers() -> None:
+    """Registers ``${run:...}`` (:func:`run_setting`) with OmegaConf, once."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run"):
+        OmegaConf.register_resolver("run", run_setting)
 
 
 def _logger_dirs(trainer: Any) -> list[Path]:

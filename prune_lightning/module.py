@@ -53,6 +53,7 @@ from typing_extensions import override
 from prune_lightning import distributed
 from prune_lightning.editors.base import Editor, implements_editor
 from prune_lightning.models import context_length, is_sharded_model, load_causal_lm, load_tokenizer, shard_model
+from prune_lightning.loggers import EDITS_KEY
 from prune_lightning.registry import EditRegistry
 from prune_lightning.safety import (BadUpdateError, check_request_lengths, check_save_target, editor_settings,
                                     frobenius_norm, run_signature, save_model, signature_changes, update_problem)
@@ -313,7 +314,7 @@ class SequentialEditor(LightningModule):
                     self.edit_registry.write([name])
                     metrics[f"edit/update_norm/{name}"] = frobenius_norm(update)
             self.requests_edited += len(requests)
-        metrics["edit/requests"] = float(self.requests_edited)
+        metrics[EDITS_KEY] = float(self.requests_edited)
         metrics["edit/skipped"] = float(self.requests_skipped)
         for key, value in (getattr(self.editor, "last_metrics", None) or {}).items():
             metrics[f"edit/{key}"] = float(value)

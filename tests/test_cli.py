@@ -13,26 +13,35 @@ from prune_lightning.cli import main
 def _run(repo_dir, tmp_path, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                PRUNE_LIGHTNING_CACHE=os.environ["PRUNE_LIGHTNING_CACHE"])
-    command = [sys.executable, "-m", "prune_lightning.cli", *args,
-               f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    # The presets' logger writes into ${run:trainer.default_root_dir}: this override moves the logs too.
+    command = [sys.executable, "-m", "prune_lightning.cli", *args, f"--trainer.default_root_dir={tmp_path}"]
     return subprocess.run(command, cwd=repo_dir, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_fit_tiny_config_with_appended_fragments(repo_dir, tmp_path):
-    result = _run(repo_dir, tmp_path, "fit", "--config", "configs/tiny.yaml",
-                  "--trainer.callbacks+=callbacks/rect.yaml", "--model.editor.init_args.v_num_grad_steps=5")
+    result = _run(repo_dir, tmp_path, "fit", "--config", "configs/tiny.yaml", "--data.limit=3",
+                  "--trainer.callbacks+=callbacks/rect.yaml", "--trainer.logger+=loggers/wandb.yaml",
+                  "--model.editor.init_args.v_num_grad_steps=5")
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    for case in range(8):  # per-edit progress
+    for case in range(3):  # per-edit progress
         assert f"case {case} " in output
     run_dir = tmp_path / "logs" / "version_0"
-    # The fragment was appended to the experiment's callbacks, not swapped in for them.
+    # The fragments were appended to the experiment's callbacks and logger, not swapped in for them.
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     classes = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
     assert classes == ["ConditionNumberMonitor", "PRUNECallback", "RECTCallback"]
     assert config["model"]["editor"]["init_args"]["v_num_grad_steps"] == 5
-    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
-    assert "condition/transformer.h.1.mlp.c_proj/kappa" in header and "rect/transformer.h.1.mlp.c_proj/kept" in header
+    assert [logger["init_args"]["save_dir"] for logger in config["trainer"]["logger"]] == [str(tmp_path)] * 2
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"edits", "condition/transformer.h.1.mlp.c_proj/kappa", "rect/transformer.h.1.mlp.c_proj/kept"} <= set(header)
+    # The W&B fragment's offline run (WANDB_MODE=offline) went into the same folder, with edits as its x-axis.
+    from wandb_records import history, metric_definitions
+
+    (wandb_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert metric_definitions(wandb_file)["*"]["step_metric"] == "edits"
+    kappa = [row for row in history(wandb_file) if "condition/transformer.h.1.mlp.c_proj/kappa" in row]
+    assert [row["edits"] for row in kappa] == [0, 1, 2, 3, 3]  # edit 0, every edit, the end of fit
 
     from transformers import AutoModelForCausalLM
 

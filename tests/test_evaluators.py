@@ -202,11 +202,19 @@ def test_general_scores_match_an_independent_evaluation_of_the_unedited_model(ev
         assert at_zero[(task.name, spec.metric)] == pytest.approx(float(metric.compute()))
     assert at_zero[("samsum", "rouge_mean")] > 0.9  # the references are the unedited model's own continuations
     assert [h["step"] for h in general.history if h["task"] == "samsum"] == [0, 3, 4]
-    # The table of score against edits went to the logger that takes tables, once, at the end.
-    (table,) = evaluated_fit["tables"].tables
-    assert table["key"] == "general_ability" and table["columns"] == ["step", "task", "metric", "value"]
+    # Each evaluator's table of score against edits went to the logger that takes tables, once, at the end.
+    tables = {table["key"]: table for table in evaluated_fit["tables"].tables}
+    assert len(tables) == len(evaluated_fit["tables"].tables) == 2
+    table = tables["general_ability"]
+    assert table["columns"] == ["step", "task", "metric", "value"]
     assert table["data"] == [[h["step"], h["task"], h["metric"], h["value"]] for h in general.history]
     assert len(table["data"]) == 9
+    quality = evaluated_fit["quality"].history
+    table = tables["edit_quality"]
+    assert table["columns"] == ["step", "requests", "kind", "score", "pre_edit", "value"]
+    assert table["data"] == [[h["step"], h["requests"], h["kind"], h["score"], h["pre_edit"], h["value"]]
+                             for h in quality]
+    assert {row[0] for row in table["data"]} == {2, 4} and len(table["data"]) == len(quality) > 0
 
 
 def test_edit_quality_rises_over_pre_edit_values(evaluated_fit):

@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from prune_lightning.loggers import EDITS_KEY, edits_so_far
 from prune_lightning.registry import EditRegistry, find_registry, matches
 
 
@@ -97,10 +98,12 @@ def short_name(name: str) -> str:
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    """Sends metrics straight to every logger at ``step`` (edits so far), also from hooks where ``self.log`` is not
-    allowed (``on_train_start``, ``on_train_end``), and without ``log_every_n_steps`` thinning the curve."""
+    """Sends metrics straight to every logger at ``step`` (writes so far), also from hooks where ``self.log`` is not
+    allowed (``on_train_start``, ``on_train_end``), and without ``log_every_n_steps`` thinning the curve. Each call
+    carries the number of requests edited so far (``edits``, the x-axis of :class:`~prune_lightning.loggers.EditWandbLogger`)."""
     if not metrics or trainer.sanity_checking:
         return
+    metrics = {**metrics, EDITS_KEY: float(edits_so_far(trainer))}
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
     trainer.callback_metrics.update({k: _as_tensor(v) for k, v in metrics.items()})

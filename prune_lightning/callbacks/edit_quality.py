@@ -9,7 +9,8 @@ model, with the CounterFact protocol for requests that have a ``target_true`` an
 - ``edit_quality/counterfact/<score>``: ``efficacy``, ``generalization``, ``locality`` and their ``*_margin``;
 - ``edit_quality/zsre/<score>``: ``efficacy``, ``generalization``, ``locality``;
 
-at the step = edits so far. A kind of request that has not been edited yet is not logged. Like the other
+at the step = edits so far. A kind of request that has not been edited yet is not logged. At the end of fit the whole
+history goes to the loggers that take tables (W&B's ``log_table``, key ``edit_quality``). Like the other
 measuring callbacks it runs after the restraint callbacks (PRUNE, RECT) of the same write, and the end-of-fit
 evaluation follows a post-hoc restraint (it is skipped when that step was just evaluated and none runs).
 
@@ -53,6 +54,7 @@ from typing_extensions import override
 
 from prune_lightning import distributed
 from prune_lightning.callbacks._matrices import log_metrics
+from prune_lightning.loggers import log_table
 from prune_lightning.callbacks._schedule import EditSchedule, Scheduled, run_after_restraints
 from prune_lightning.data.requests import EditRequest
 from prune_lightning.generation import find_language_model
@@ -62,6 +64,10 @@ from prune_lightning.metrics.quality import update_edit_quality
 __all__ = ["EditQualityEvaluator"]
 
 _KINDS = ("counterfact", "zsre")
+
+# The whole history, logged at the end of fit to the loggers that take tables (W&B's log_table).
+TABLE_KEY = "edit_quality"
+TABLE_COLUMNS = ["step", "requests", "kind", "score", "pre_edit", "value"]
 
 
 def _fresh_metrics(device: torch.device) -> dict[str, Any]:
@@ -150,6 +156,7 @@ class EditQualityEvaluator(Scheduled, Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule.at_end(trainer, after_restraints=True):
             self.evaluate(trainer, pl_module)
+        log_table(trainer, TABLE_KEY, TABLE_COLUMNS, [[row[c] for c in TABLE_COLUMNS] for row in self.history])
 
     # ------------------------------------------------------------------------------------------------------------
     # scoring

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from prune_lightning.callbacks._matrices import log_metrics
+from prune_lightning.loggers import log_table
 from prune_lightning.callbacks._schedule import EditSchedule, Scheduled, run_after_restraints
 from prune_lightning.data.tasks import TaskExample, get_task, load_task
 from prune_lightning.generation import find_language_model, generate_batched
@@ -207,12 +208,7 @@ class GeneralAbilityEvaluator(Scheduled, Callback):
         return metrics
 
     def _log_table(self, trainer: Trainer) -> None:
-        if not self.history or trainer.sanity_checking:
-            return
-        data = [[row["step"], row["task"], row["metric"], row["value"]] for row in self.history]
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_table"):
-                logger.log_table(key=TABLE_KEY, columns=list(TABLE_COLUMNS), data=data)
+        log_table(trainer, TABLE_KEY, TABLE_COLUMNS, [[row[c] for c in TABLE_COLUMNS] for row in self.history])
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoint

@@ -9,7 +9,7 @@
 The package depends on nothing above it: plain tensors in, plain tensors (or its own types) out.
 """
 
-from prune_lightning.spectral.condition import condition_number, singular_value_extremes, spectral_norm
+from prune_lightning.spectral.condition import condition_number, singular_value_extremes, singular_values, spectral_norm
 from prune_lightning.spectral.delta import DeltaTracker
 from prune_lightning.spectral.lowrank import LowRankUpdate, Update, update_to_dense
 from prune_lightning.spectral.restraint import (
@@ -33,6 +33,7 @@ __all__ = [
     "restrain_singular_values",
     "restraint_threshold_shrinks",
     "singular_value_extremes",
+    "singular_values",
     "spectral_norm",
     "update_to_dense",
 ]

@@ -46,7 +46,7 @@ import math
 
 import torch
 
-__all__ = ["condition_number", "singular_value_extremes", "spectral_norm"]
+__all__ = ["condition_number", "singular_value_extremes", "singular_values", "spectral_norm"]
 
 # Above this (Gram-estimated) condition number, sigma_min from the Gram eigenvalues loses digits: use svdvals.
 _GRAM_KAPPA_LIMIT = 1e5
@@ -84,11 +84,27 @@ def spectral_norm(w: torch.Tensor) -> float:
     return math.sqrt(max(float(lam_max), 0.0))
 
 
+def singular_values(w: torch.Tensor) -> torch.Tensor:
+    r"""All :math:`\min(m, n)` singular values of ``w``, largest first, as a float64 tensor on ``w``'s device.
+
+    The same computation as :func:`singular_value_extremes` (float64 Gram eigenvalues, exact ``svdvals`` when they
+    suggest :math:`\kappa > 10^5`), so the whole spectrum costs what the extremes cost.
+    """
+    _check_matrix(w)
+    if w.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64, device=w.device)
+    lam = torch.linalg.eigvalsh(_gram64(w)).clamp_min(0.0)
+    lam_max, lam_min = float(lam[-1]), float(lam[0])
+    if lam_max == 0.0 or lam_min > lam_max / _GRAM_KAPPA_LIMIT**2:
+        return lam.flip(0).sqrt()
+    return torch.linalg.svdvals(w.detach().to(torch.float64))
+
+
 def singular_value_extremes(w: torch.Tensor) -> tuple[float, float]:
     r"""The exact largest and smallest of the :math:`\min(m, n)` singular values of ``w``.
 
     Uses the float64 Gram eigenvalues; if they suggest :math:`\kappa > 10^5`, where :math:`\sigma_{\min}` from the
-    Gram matrix would lose digits, recomputes both with float64 ``svdvals``.
+    Gram matrix would lose digits, recomputes both with float64 ``svdvals`` (:func:`singular_values`).
 
     Args:
         w: A matrix of any floating dtype, either layout.
@@ -96,16 +112,9 @@ def singular_value_extremes(w: torch.Tensor) -> tuple[float, float]:
     Returns:
         ``(sigma_max, sigma_min)`` as Python floats.
     """
-    _check_matrix(w)
-    if w.numel() == 0:
+    s = singular_values(w)
+    if s.numel() == 0:
         return 0.0, 0.0
-    lam = torch.linalg.eigvalsh(_gram64(w))
-    lam_max, lam_min = max(float(lam[-1]), 0.0), max(float(lam[0]), 0.0)
-    if lam_max > 0.0 and lam_min > lam_max / _GRAM_KAPPA_LIMIT**2:
-        return math.sqrt(lam_max), math.sqrt(lam_min)
-    if lam_max == 0.0:
-        return 0.0, 0.0
-    s = torch.linalg.svdvals(w.detach().to(torch.float64))
     return float(s[0]), float(s[-1])
 
 
