@@ -6,6 +6,7 @@
     prune-edit fit --print_config
     prune-edit demo [--config configs/demo.yaml] [--output runs/demo]
     prune-edit stats --model tiny:gpt2 --layers 1 --corpus corpus.txt   # fill the second-moment statistics cache
+    prune-edit mend-train --config configs/tiny-mend-train.yaml         # train a MEND hypernetwork
 
 The model is a :class:`~prune_lightning.SequentialEditor` and the data an
 :class:`~prune_lightning.data.EditDataModule`; every argument of both, of the editor and of the trainer is
@@ -80,6 +81,12 @@ def main(args: Optional[list[str]] = None) -> None:
         from prune_lightning.editors.stats_job import main as stats_main
 
         stats_main(argv[1:])
+        return
+    if argv[:1] == ["mend-train"]:
+        # A LightningCLI of its own: it fits MEND's hypernetwork, not an editing run (prune_lightning.mend.cli).
+        from prune_lightning.mend.cli import main as mend_main
+
+        mend_main(argv[1:])
         return
     try:
         PruneEditCLI(args=args)
