@@ -292,6 +292,33 @@ def test_mend_train_command_line(tmp_path, repo_dir):
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
 
 
+@pytest.mark.parametrize("name, layers, lr_key", [("gpt2-xl", [45, 46, 47], "val/loss_total_edit"),
+                                                   ("llama2-7b", [29, 30, 31], "val/edit_token_acc"),
+                                                   ("llama3-8b", [29, 30, 31], "val/edit_token_acc")])
+def test_hub_presets_parse_with_the_published_settings(name, layers, lr_key, repo_dir, monkeypatch, capsys):
+    import yaml
+
+    from prune_lightning.cli import main
+
+    monkeypatch.chdir(repo_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mend-train", "--config", f"configs/{name}/mend-train.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, trainer = config["model"], config["trainer"]
+    assert model["layers"] == layers and model["monitor"] == lr_key
+    assert (model["lr"], model["lr_lr"], model["edit_lr"], model["cedit"], model["cloc"]) == (1e-6, 1e-4, 1e-4, 0.1, 1.0)
+    assert (model["rank"], model["n_hidden"], model["init"], model["shared"]) == (1920, 1, "id", True)
+    assert (trainer["accumulate_grad_batches"], trainer["gradient_clip_val"], trainer["max_steps"]) == (10, 100.0, 10000)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", f"configs/{name}/mend-counterfact.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    editor = yaml.safe_load(capsys.readouterr().out)["model"]["editor"]
+    assert editor["class_path"] == "prune_lightning.editors.MEND" and editor["init_args"]["layers"] == layers
+    assert editor["init_args"]["module_templates"] == model["module_templates"]
+    assert MEND.presets[name] == {"layers": layers, "module_templates": model["module_templates"]}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the editor in the editing loop
 # --------------------------------------------------------------------------------------------------------------------

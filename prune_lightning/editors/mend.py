@@ -91,7 +91,8 @@ class MEND(Editor):
             module_templates = [module_templates] if isinstance(module_templates, str) else list(module_templates)
             bad = [t for t in module_templates if not isinstance(t, str) or t.count("{}") != 1]
             if not module_templates or bad:
-                raise ValueError(f"module_templates must be names with one '{{}}' for the layer, got {module_templates!r}")
+                raise ValueError(f"module_templates must be names with one '{{}}' for the layer, got "
+                                 f"{module_templates!r}")
         self.hypernetwork_path = str(hypernetwork)
         self.net, self.info = load_hypernetwork(self.hypernetwork_path)
         trained_layers = self.info.get("layers")

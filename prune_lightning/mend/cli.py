@@ -13,6 +13,7 @@ loads it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -52,7 +53,14 @@ class MENDTrainCLI(LightningCLI):
 
 def main(argv: Optional[Sequence[str]] = None) -> MENDTrainCLI:
     """``prune-edit mend-train [--config FILE] [--ckpt_path CKPT] [--model.* ...] [--data.* ...] [--trainer.* ...]``."""
-    cli = MENDTrainCLI(args=list(argv) if argv is not None else None)
+    import sys
+
+    args = list(sys.argv[2:] if argv is None else argv)  # sys.argv: prune-edit mend-train ...
+    saved, sys.argv = sys.argv, [f"{Path(sys.argv[0]).name} mend-train"]  # the program name in --help
+    try:
+        cli = MENDTrainCLI(args=args)
+    finally:
+        sys.argv = saved
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     if cli.model.exported is not None:
         cli.model.print(f"MEND hypernetwork written to {cli.model.exported}")

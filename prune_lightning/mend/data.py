@@ -165,9 +165,9 @@ class _TrainLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if (state_dict.get("num_batches"), state_dict.get("batch_size")) != (len(self), self.batch_size):
-            raise ValueError(f"Cannot resume MEND training: the checkpoint's loader had {state_dict.get('num_batches')} "
-                             f"batches of {state_dict.get('batch_size')} edits, this one has {len(self)} of "
-                             f"{self.batch_size}")
+            raise ValueError(f"Cannot resume MEND training: the checkpoint's loader had "
+                             f"{state_dict.get('num_batches')} batches of {state_dict.get('batch_size')} edits, "
+                             f"this one has {len(self)} of {self.batch_size}")
         done = int(state_dict.get("batches_done", 0))
         self._shuffled.start_at(done * self.batch_size if 0 < done < len(self) else 0)
 

@@ -292,7 +292,8 @@ class MENDHypernetwork(nn.Module):
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         if combine and (one_sided or x_only or delta_only):
-            raise ValueError("combine=True cannot be used with one_sided, x_only or delta_only (one-sided MEND variants)")
+            raise ValueError("combine=True cannot be used with one_sided, x_only or delta_only (one-sided MEND "
+                             "variants)")
         if not math.isfinite(float(edit_lr)):
             raise ValueError(f"edit_lr must be a finite number, got {edit_lr!r}")
         self.options = dict(n_hidden=n_hidden, rank=rank, init=init, norm=bool(norm), combine=bool(combine),
