@@ -121,10 +121,13 @@ def test_factors_give_the_gradient_of_the_edit_loss_on_a_tiny_model(tiny_model_d
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_identity_hypernetwork_is_gradient_descent_with_its_initial_lr(tiny_model_dir, tiny_arch, tmp_path):
+@pytest.mark.parametrize("norm", [False, True])
+def test_identity_hypernetwork_is_gradient_descent_with_its_initial_lr(tiny_model_dir, tiny_arch, tmp_path, norm):
+    # norm=True: a freshly initialised hypernetwork, no statistics yet (what MENDTrainer starts from)
     model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     names = _mend_names(tiny_arch, [1, 3])
-    path = _write_identity_hypernetwork(tmp_path / "id.safetensors", model, names, edit_lr=0.03, layers=[1, 3])
+    path = _write_identity_hypernetwork(tmp_path / "id.safetensors", model, names, edit_lr=0.03, norm=norm,
+                                        layers=[1, 3])
     editor = MEND(hypernetwork=str(path))
     editor.setup(model, tokenizer)
     assert editor.parameter_names(model) == names
@@ -462,3 +465,79 @@ def test_ddp_ranks_end_with_the_single_process_weights(trained_hypernetwork, tmp
         for name, weight in single["weights"].items():
             torch.testing.assert_close(out["weights"][name], weight, rtol=0, atol=1e-5)
             assert torch.equal(out["weights"][name], ranks[0]["weights"][name])  # rank 0's updates, broadcast
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the demo world
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_split_never_touches_what_the_demo_edits(tmp_path):
+    from prune_lightning.data import read_counterfact
+    from prune_lightning.demo import World
+    from prune_lightning.demo.mend import locality_records, mend_records
+
+    world = World.generate(seed=0, n_entities=60)
+    edited = world.requested_facts(30, seed=0)
+    edited_subjects = {fact.subject for fact, _ in edited}
+    train, val = mend_records(world, 30, seed=0, targets_per_fact=2, val_subjects=5)
+    subjects = {part: {r["requested_rewrite"]["subject"] for r in records}
+                for part, records in (("train", train), ("val", val))}
+    assert not (subjects["train"] | subjects["val"]) & edited_subjects  # no subject the demo edits, in any relation
+    assert not subjects["train"] & subjects["val"] and len(subjects["val"]) == 5
+    assert len(train) == 25 * 4 * 2 and len(val) == 5 * 4
+    for record in train:
+        rewrite = record["requested_rewrite"]
+        assert rewrite["target_new"]["str"] != rewrite["target_true"]["str"]
+        assert world.objects[(rewrite["subject"], rewrite["relation_id"])] == rewrite["target_true"]["str"]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(train))
+    assert len(read_counterfact(str(path))) == len(train)  # the reader the trainer uses
+
+    # the demo edits nearly every subject: the split falls back to the (subject, relation) pairs it does not edit
+    train, val = mend_records(world, 58, seed=0, val_subjects=5)
+    pairs = {(f.subject, f.relation_id) for f, _ in world.requested_facts(58, seed=0)}
+    used = {(r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"]) for r in train + val}
+    assert used and not used & pairs
+
+    loc = locality_records(world)
+    assert len(loc) == len(world.facts()) * 3 + len(world.additions) + len(world.entailment) + len(world.copies)
+    assert {"prompt": "3 + 4 =", "answer": "7"} in loc
+
+
+def test_demo_hypernetwork_is_trained_once_then_cached(tmp_path):
+    from prune_lightning.demo import demo_checkpoint
+    from prune_lightning.demo.mend import DemoMENDConfig, demo_mend_checkpoint
+
+    model_dir = demo_checkpoint(seed=0, steps=30, n_entities=40, cache_dir=tmp_path / "models", progress=False)
+    config = DemoMENDConfig(steps=2, accumulate=2, val_subjects=3, val_limit=4, val_every=4)
+    path = demo_mend_checkpoint(seed=0, n_requests=10, model_dir=model_dir, config=config,
+                                cache_dir=tmp_path / "mend", progress=False)
+    assert path.name == "hypernetwork.safetensors" and path.parent.parent == tmp_path / "mend"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["hypernetwork.safetensors", "loc.json", "train.json",
+                                                             "training.json", "val.json"]
+    training = json.loads((path.parent / "training.json").read_text())
+    assert training["best_step"] == 2 and training["n_val"] == 12
+    stamp = path.stat().st_mtime_ns
+    again = demo_mend_checkpoint(seed=0, n_requests=10, model_dir=model_dir, config=config,
+                                 cache_dir=tmp_path / "mend", progress=False)
+    assert again == path and path.stat().st_mtime_ns == stamp  # from the cache
+    other = demo_mend_checkpoint(seed=0, n_requests=12, model_dir=model_dir, config=config,
+                                 cache_dir=tmp_path / "mend", progress=False)
+    assert other != path  # other settings, another key
+    assert not list((tmp_path / "mend").glob(".*tmp*"))  # nothing half-written left behind
+    editor = MEND(hypernetwork=str(path))
+    assert editor.layers == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_demo_mend_edits_held_out_requests_with_efficacy_at_least_0_8():
+    from prune_lightning.demo import World, demo_checkpoint
+    from prune_lightning.demo.mend import demo_mend_checkpoint, single_edit_quality
+
+    model_dir = demo_checkpoint(seed=0, progress=False)  # the demo's model (trained here: the session's own cache)
+    hypernetwork = demo_mend_checkpoint(seed=0, n_requests=200, model_dir=model_dir, progress=False)
+    records = World.generate(seed=0).counterfact_records(200, seed=0)  # the demo's requests: never trained on
+    scores = single_edit_quality(model_dir, hypernetwork, records)
+    assert scores["efficacy_before"] == 0.0
+    assert scores["efficacy"] >= 0.8 and scores["generalization"] >= 0.7

@@ -171,7 +171,7 @@ class MENDTrainer(LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        mlp = [p for p in self.hypernetwork.transforms.parameters()]
+        mlp = list(self.hypernetwork.transforms.parameters())
         return torch.optim.Adam([
             {"params": mlp, "lr": self.hparams.lr},
             {"params": [self.hypernetwork.edit_lrs], "lr": self.hparams.lr + self.hparams.lr_lr},
@@ -228,8 +228,8 @@ class MENDTrainer(LightningModule):
         out = self.edit_step(batch)
         total = out["loss_total_edit"]
         metrics = {f"train/{key}": value.detach() for key, value in out.items()}
-        for i, lr in enumerate(self.hypernetwork.edit_lrs.detach()):
-            metrics[f"train/edit_lr/{i}"] = lr
+        for name, lr in zip(self.parameter_names, self.hypernetwork.edit_lrs.detach()):
+            metrics[f"train/edit_lr/{name.removesuffix('.weight')}"] = lr
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         if not torch.isfinite(total):  # the references skip a step whose gradients are not finite (safe_backward)
             return None
