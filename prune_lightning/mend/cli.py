@@ -32,7 +32,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "inference_mode": False,
     "log_every_n_steps": 10,
     "enable_model_summary": False,
-    "max_epochs": -1,
 }
 
 
