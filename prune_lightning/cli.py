@@ -6,6 +6,7 @@
     prune-edit fit --print_config
     prune-edit demo [--config configs/demo.yaml] [--output runs/demo]
     prune-edit stats --model tiny:gpt2 --layers 1 --corpus corpus.txt   # fill the second-moment statistics cache
+    prune-edit mend-train --config configs/tiny-mend-train.yaml         # train a MEND hypernetwork
     prune-edit ... --debug                                               # a refused input with its traceback
 
 The model is a :class:`~prune_lightning.SequentialEditor` and the data an
@@ -37,6 +38,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from prune_lightning.data import EditDataModule
 from prune_lightning.module import TRAINER_DEFAULTS, SequentialEditor
+from prune_lightning.resolvers import register_resolvers
 from prune_lightning.stats.run import StatsLockedError
 
 class PruneEditCLI(LightningCLI):
@@ -70,36 +72,6 @@ class PruneEditCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning would load the checkpoint's hyperparameters over the command line's here. Not here: the command
         line stands, and the module refuses a checkpoint of a run that differs in what defines it."""
-
-
-_MISSING = object()
-
-
-def run_setting(path: str, *, _root_: Any) -> Any:
-    """The OmegaConf resolver ``${run:<path>}``: the value at ``path`` (``trainer.default_root_dir``) of the run's
-    config, wherever the interpolation stands.
-
-    A relative interpolation (``${...default_root_dir}``) breaks when the node moves - ``--trainer.logger+=`` turns
-    the experiment's one logger into a list - and an absolute one would have to name the subcommand
-    (``${fit.trainer.default_root_dir}``); this one does neither.
-    """
-    from omegaconf import OmegaConf
-
-    node = _root_
-    if "trainer" not in node and len(node) == 1:  # the parser resolves {<subcommand>: config}
-        node = node[next(iter(node))]
-    value = OmegaConf.select(node, path, default=_MISSING)
-    if value is _MISSING:
-        raise ValueError(f"${{run:{path}}}: the config has no setting {path!r}")
-    return value
-
-
-def register_resolvers() -> None:
-    """Registers ``${run:...}`` (:func:`run_setting`) with OmegaConf, once."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("run"):
-        OmegaConf.register_resolver("run", run_setting)
 
 
 def _logger_dirs(trainer: Any) -> list[Path]:
@@ -190,6 +162,12 @@ def _main(argv: list[str], args: Optional[list[str]]) -> None:
         from prune_lightning.stats.cli import main as stats_main
 
         stats_main(argv[1:])
+        return
+    if argv[:1] == ["mend-train"]:
+        # A LightningCLI of its own: it fits MEND's hypernetwork, not an editing run (prune_lightning.mend.cli).
+        from prune_lightning.mend.cli import main as mend_main
+
+        mend_main(argv[1:])
         return
     try:
         PruneEditCLI(args=args)
