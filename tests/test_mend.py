@@ -225,7 +225,39 @@ def _module(root, **overrides):
     settings = dict(model="tiny:gpt2", layers=[2, 3], rank=32, lr=1e-3, lr_lr=1e-3, edit_lr=1e-4,
                     hypernetwork_file=str(Path(root) / "hypernetwork.safetensors"))
     settings.update(overrides)
+    if settings["lr_lr"] is None:  # the trainer's default
+        del settings["lr_lr"]
     return MENDTrainer(**settings)
+
+
+def test_step_sizes_learn_at_lr_as_in_the_references(tmp_path):
+    """The references build a second Adam over ``edit_lrs`` at ``lr_lr`` but step it after the main Adam's
+    ``zero_grad()`` has cleared those gradients, so it never moves them: the step sizes learn at ``lr`` alone.
+
+    Replayed here with two optimizers in the references' order (both ``zero_grad`` modes: torch 2's ``None`` and
+    torch 1's zeros) on the same gradients as ours."""
+    gen = torch.Generator().manual_seed(0)
+    for set_to_none in (True, False):
+        module = _module(tmp_path, layers=[3], rank=8, lr=1e-3, lr_lr=None)
+        ours = module.configure_optimizers()
+        lrs = module.hypernetwork.edit_lrs
+        theirs = nn.Parameter(lrs.detach().clone())
+        main = torch.optim.Adam([theirs], lr=module.hparams.lr)
+        second = torch.optim.Adam([theirs], lr=1e-4)  # the references' lr_lr
+        for _ in range(4):
+            grad = torch.randn(lrs.shape, generator=gen)
+            lrs.grad, theirs.grad = grad.clone(), grad.clone()
+            ours.step()
+            ours.zero_grad()
+            main.step()
+            main.zero_grad(set_to_none=set_to_none)
+            second.step()
+            second.zero_grad(set_to_none=set_to_none)
+        torch.testing.assert_close(lrs.detach(), theirs.detach())
+        assert not torch.equal(lrs.detach(), torch.full_like(lrs, 1e-4))  # they did move
+    # an explicit lr_lr is an extra rate of the step sizes on top of lr
+    groups = _module(tmp_path, layers=[3], rank=8, lr=1e-3, lr_lr=1e-2).configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1.1e-2)]
 
 
 def test_short_training_makes_held_out_edits_succeed_more_often(mend_data, tmp_path):
@@ -314,7 +346,7 @@ def test_hub_presets_parse_with_the_published_settings(name, layers, lr_key, rep
     assert trainer["logger"]["init_args"]["save_dir"] == "elsewhere"
     assert model["hypernetwork_file"] == "elsewhere/hypernetwork.safetensors"
     assert model["layers"] == layers and model["monitor"] == lr_key
-    assert (model["lr"], model["lr_lr"], model["edit_lr"], model["cedit"], model["cloc"]) == (1e-6, 1e-4, 1e-4, 0.1, 1.0)
+    assert (model["lr"], model["lr_lr"], model["edit_lr"], model["cedit"], model["cloc"]) == (1e-6, 0.0, 1e-4, 0.1, 1.0)
     assert (model["rank"], model["n_hidden"], model["init"], model["shared"]) == (1920, 1, "id", True)
     assert (trainer["accumulate_grad_batches"], trainer["gradient_clip_val"], trainer["max_steps"]) == (10, 100.0, 10000)
     with pytest.raises(SystemExit) as exit_info:

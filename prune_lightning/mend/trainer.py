@@ -14,10 +14,12 @@ One training step is one edit (``batch_size`` requests at once), as in the refer
    ``L = cedit * L_edit + cloc * L_loc`` (published: ``cedit = 0.1``, ``cloc = 1.0``), back-propagated into the
    hypernetwork's parameters and step sizes only - the model is frozen and stays in eval mode.
 3. Adam, with gradients accumulated over ``accumulate_grad_batches`` edits (published: 10) and clipped to a total norm
-   of ``gradient_clip_val`` (100): Trainer settings (``configs/*/mend-train.yaml``). The MLPs learn at ``lr``
-   (1e-6). The references step the step sizes ``edit_lrs`` with *two* Adam optimizers - the main one (``lr``) and
-   their own (``lr_lr``, 1e-4) - whose states see the same gradients, so the step sizes move by ``(lr + lr_lr)``
-   times one Adam direction: here that is one parameter group at ``lr + lr_lr``.
+   of ``gradient_clip_val`` (100): Trainer settings (``configs/*/mend-train.yaml``). The MLPs and the step sizes
+   ``edit_lrs`` learn at ``lr`` (1e-6). The references configure a second Adam for the step sizes (``lr_lr``,
+   1e-4), but step it only after the main Adam's ``zero_grad()`` has cleared the step sizes' gradients (to ``None``
+   since torch 2, so it skips them; to zeros before, so its moments stay 0 and its step is 0): it never moves them,
+   and their step sizes learn at ``lr`` alone (measured against both). ``lr_lr`` here is an extra rate of the step
+   sizes on top of ``lr``, 0 by default as in effect there.
 
 Validation edits each validation request on its own, from the unedited model, and logs means over the requests:
 ``val/loss_edit``, ``val/loss_loc``, ``val/loss_total_edit`` (the GPT-2 reference's early-stopping key),
@@ -82,7 +84,8 @@ class MENDTrainer(LightningModule):
         shared: One transform per matrix shape, with per-matrix scale and shift.
         edit_lr: Initial step size of every matrix (1e-4).
         lr: Adam learning rate of the hypernetwork's MLPs (1e-6).
-        lr_lr: Extra Adam learning rate of the step sizes (1e-4; they learn at ``lr + lr_lr``).
+        lr_lr: Extra Adam learning rate of the step sizes: they learn at ``lr + lr_lr``. Default 0, which is what
+            the references' ``lr_lr`` (1e-4) amounts to: their optimizer for it never steps (see above).
         cedit: Weight of the edit loss (0.1).
         cloc: Weight of the locality loss (1.0).
         hypernetwork_file: Where the trained hypernetwork is written (default ``<log dir>/hypernetwork.safetensors``).
@@ -110,7 +113,7 @@ class MENDTrainer(LightningModule):
         shared: bool = True,
         edit_lr: float = 1e-4,
         lr: float = 1e-6,
-        lr_lr: float = 1e-4,
+        lr_lr: float = 0.0,
         cedit: float = 0.1,
         cloc: float = 1.0,
         hypernetwork_file: Optional[str] = None,
