@@ -74,7 +74,8 @@ class DemoMENDConfig:
         accumulate: Edits whose gradients make one Adam step (the references' ``accumulate_bs``).
         lr: Adam learning rate of the hypernetwork's MLPs (published 1e-6 over 100,000 edits; a 2-minute run needs
             more).
-        lr_lr: Extra learning rate of the per-matrix step sizes (published 1e-4).
+        lr_lr: Extra learning rate of the per-matrix step sizes, on top of ``lr`` (the references' 1e-4 never
+            moves them; here it does, to learn them within a short run).
         edit_lr: Initial step size (published 1e-4).
         cedit: Weight of the edit loss.
         cloc: Weight of the locality loss.
