@@ -15,7 +15,7 @@ from prune_lightning import EditDataModule, EditRequest, SequentialEditor
 from prune_lightning.callbacks.edit_quality import EditQualityEvaluator
 from prune_lightning.callbacks.general_ability import GeneralAbilityEvaluator, TaskConfig
 from prune_lightning.data.tasks import get_task, load_task
-from prune_lightning.generation import generate_batched
+from prune_lightning.generation import generate_batched, generate_batched_ids
 from prune_lightning.metrics import CounterFactScore, ZsREScore
 from prune_lightning.metrics.quality import update_edit_quality
 from prune_lightning.models import load_causal_lm, load_tokenizer
@@ -52,6 +52,26 @@ def test_generate_batched_matches_one_prompt_at_a_time(tiny_model_dir):
     for batch_size in (2, 5):
         assert generate_batched(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=batch_size) == expected
     assert model.training and tokenizer.padding_side == "right"
+
+
+def test_generate_batched_ids_are_the_new_tokens_up_to_eos(tiny_model_dir):
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            expected.append(out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out)
+    got = generate_batched_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert got == expected
+    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in got] == \
+        generate_batched(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=5)
+    # A model that ends at once: nothing new, not the padding after it.
+    model.generation_config.eos_token_id = sorted({t for row in expected for t in row[:1]})
+    assert all(row == [] for row, first in zip(
+        generate_batched_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=5), expected) if first)
 
 
 def test_generate_batched_truncates_long_prompts_from_the_left(tiny_model_dir):
