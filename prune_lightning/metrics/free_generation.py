@@ -12,7 +12,8 @@ as it follows the prompt in running text, the tokens the editors teach and the t
 continuation matches when its first ``len(target tokens)`` generated token ids *are* those ids. So
 
 - a continuation that goes on after the target matches (``" Paris, France"`` for ``"Paris"``): only the first
-  ``len(target tokens)`` tokens are compared;
+  ``len(target tokens)`` tokens are compared - so does one that extends the target's last token into a longer word
+  (``" Rome"`` + ``"o"`` for ``"Rome"``);
 - a continuation shorter than the target (generation stopped at end-of-sequence) does not match, nor does an empty
   one;
 - case and spelling count, and so does the tokenization: the same text in other pieces (``" Par"`` + ``"is"`` where
