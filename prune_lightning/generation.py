@@ -9,8 +9,10 @@ It gives the same text as calling ``model.generate`` once per prompt, only faste
   untouched (its ``padding_side`` does not matter) and needs no pad token: ``eos`` pads where there is none.
 - **Batches of similar length.** Prompts are sorted by token length (longest first, so an out-of-memory error
   shows in the first batch) and cut into batches of ``batch_size``; the results are put back in prompt order.
-- **Only the new tokens** are decoded (special tokens skipped), so a row that stopped early at ``eos`` and was then
-  filled with padding decodes to the same text as the prompt generated alone.
+- **Only the new tokens** are kept, up to the first end-of-sequence token (the rest of a row that stopped early is
+  padding), and decoded with special tokens skipped, so each continuation is what the prompt generated alone gives.
+  :func:`generate_batched_ids` returns those token ids, for scores that compare tokens (the free-generation exact
+  match of :mod:`prune_lightning.metrics.free_generation`); :func:`generate_batched` their text.
 - **Left truncation.** A prompt longer than the model's context minus ``max_new_tokens`` loses tokens from its
   start (keeping leading special tokens such as ``<s>``): the end of a prompt - the question, ``"TL;DR:"`` - is
   what the continuation depends on. GSM8K and Natural Questions prompts with their rationale or passage can exceed
@@ -30,7 +32,7 @@ from torch import nn
 
 from prune_lightning.distributed import lockstep
 
-__all__ = ["context_length", "find_language_model", "generate_batched"]
+__all__ = ["context_length", "find_language_model", "generate_batched", "generate_batched_ids"]
 
 # Config attributes that hold a model's maximum sequence length, in the order they are tried.
 _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
@@ -152,6 +154,26 @@ def generate_batched(
         ValueError: For a prompt that is not a string or tokenizes to nothing, a bad ``max_new_tokens`` /
             ``batch_size`` / ``max_length``, or a context too short for ``max_new_tokens``.
     """
+    generated = generate_batched_ids(model, tokenizer, prompts, max_new_tokens, batch_size, max_length)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+
+
+def generate_batched_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_length: Optional[int] = None,
+) -> list[list[int]]:
+    """The new token ids of each prompt's greedy continuation, up to (not including) the first end-of-sequence token.
+
+    Arguments, batching, truncation and errors as :func:`generate_batched`, which decodes these ids.
+
+    Returns:
+        One list of token ids per prompt, in the order of ``prompts``: at most ``max_new_tokens``, fewer where the
+        model ended the sequence.
+    """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a sequence of strings, not a single string; wrap it in a list")
     _check_int("max_new_tokens", max_new_tokens)
@@ -180,9 +202,10 @@ def generate_batched(
             )
 
         pad_id = _pad_token_id(tokenizer)
+        stop = _end_of_sequence_ids(model, tokenizer)
         device = next(model.parameters()).device
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # stable: ties keep prompt order
-        outputs: list[str] = [""] * len(encoded)
+        outputs: list[list[int]] = [[] for _ in encoded]
         was_training = model.training
         model.eval()
         try:
@@ -199,12 +222,31 @@ def generate_batched(
                         pad_token_id=pad_id,
                         synced_gpus=False,  # lockstep pairs the forwards across ranks
                     )
-                    texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
-                    for i, text in zip(rows, texts):
-                        outputs[i] = text
+                    for i, new_ids in zip(rows, generated[:, input_ids.shape[1] :].tolist()):
+                        outputs[i] = _until_end(new_ids, stop)
         finally:
             model.train(was_training)
         return outputs
+
+
+def _end_of_sequence_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """The tokens that end a generation: the generation config's ``eos_token_id`` (one or a list) and the
+    tokenizer's."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _until_end(ids: list[int], stop: set[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in stop:
+            return ids[:position]
+    return ids
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

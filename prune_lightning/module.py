@@ -334,39 +334,31 @@ class SequentialEditor(LightningModule):
     # validate / test: edit quality of the requests
     # ------------------------------------------------------------------------------------------------------------
 
-    def _quality_metrics(self, stage: str) -> tuple:
+    def _quality_metrics(self, stage: str) -> Any:
         if not hasattr(self, "_quality"):
-            from prune_lightning.metrics import CounterFactScore, ZsREScore
+            from prune_lightning.metrics.quality import EditQualityMetrics
 
-            self._quality = {s: (CounterFactScore(), ZsREScore()) for s in ("val", "test")}
+            self._quality = {s: EditQualityMetrics() for s in ("val", "test")}
         # On the module's device: that is where NCCL sums the states across ranks.
-        self._quality[stage] = tuple(metric.to(self.device) for metric in self._quality[stage])
-        return self._quality[stage]
+        return self._quality[stage].to(self.device)
 
     def _quality_step(self, batch: Sequence, stage: str) -> None:
-        from prune_lightning.metrics.quality import update_edit_quality
-
-        counterfact, zsre = self._quality_metrics(stage)
-        update_edit_quality(counterfact, zsre, self.model, self.tokenizer, batch,
-                            batch_size=self.hparams.eval_batch_size)
+        self._quality_metrics(stage).update(self.model, self.tokenizer, batch, batch_size=self.hparams.eval_batch_size)
 
     def _quality_epoch_end(self, stage: str) -> None:
-        metrics = {}
-        for kind, metric in zip(("counterfact", "zsre"), self._quality_metrics(stage)):
-            # Every rank computes both (compute() sums the states of all ranks, which each scored a shard of the
-            # requests); a kind no rank scored has no efficacy case and is not logged.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*compute.* was called before the .*update.*")
-                values = metric.compute()
-            if not torch.isnan(values["efficacy"]):
-                metrics.update({f"{stage}/{kind}/{k}": v for k, v in values.items()})
-            metric.reset()
-        if metrics:
-            self.log_dict(metrics, sync_dist=False)
+        metrics = self._quality_metrics(stage)
+        # Every rank computes (compute() sums the states of all ranks, which each scored a shard of the requests); a
+        # kind no rank scored is not logged. Names: <stage>/teacher_forced/<kind>/<score>
+        # (prune_lightning.metrics.quality).
+        values = {f"{stage}/{key}": value for key, value in metrics.compute().items()}
+        metrics.reset()
+        if values:
+            self.log_dict(values, sync_dist=False)
 
     @override
     def validation_step(self, batch: Sequence, batch_idx: int) -> None:
-        """Edit quality (efficacy, generalization, locality) of the requests of this batch, on the current model."""
+        """Teacher-forced edit quality of the requests of this batch on the current model (``val/teacher_forced/...``,
+        the names of :mod:`prune_lightning.metrics.quality`)."""
         self._quality_step(batch, "val")
 
     @override
@@ -375,7 +367,8 @@ class SequentialEditor(LightningModule):
 
     @override
     def test_step(self, batch: Sequence, batch_idx: int) -> None:
-        """Edit quality (efficacy, generalization, locality) of the requests of this batch, on the current model."""
+        """Teacher-forced edit quality of the requests of this batch on the current model (``test/teacher_forced/...``,
+        the names of :mod:`prune_lightning.metrics.quality`)."""
         self._quality_step(batch, "test")
 
     @override

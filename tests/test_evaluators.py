@@ -10,15 +10,22 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 
-from conftest import read_csv_metrics, write_counterfact
+from conftest import read_csv_metrics, target_nll, write_counterfact
 from prune_lightning import EditDataModule, EditRequest, SequentialEditor
-from prune_lightning.callbacks.edit_quality import EditQualityEvaluator
+from prune_lightning.callbacks.edit_quality import TABLE_COLUMNS, TIMINGS, EditQualityEvaluator
 from prune_lightning.callbacks.general_ability import GeneralAbilityEvaluator, TaskConfig
 from prune_lightning.data.tasks import get_task, load_task
-from prune_lightning.generation import generate_batched
-from prune_lightning.metrics import CounterFactScore, ZsREScore
-from prune_lightning.metrics.quality import update_edit_quality
+from prune_lightning.generation import generate_batched, generate_batched_ids
+from prune_lightning.metrics import FreeGenerationScore
+from prune_lightning.metrics.quality import EditQualityMetrics, update_free_generation
 from prune_lightning.models import load_causal_lm, load_tokenizer
+
+# The scores logged per timing for CounterFact requests, by protocol: the contract of the dashboards.
+TEACHER_FORCED_COUNTERFACT = ("probability_success", "probability_margin", "top1_accuracy", "generalization",
+                              "generalization_margin", "generalization_top1_accuracy", "locality", "locality_margin",
+                              "locality_top1_accuracy")
+FREE_GENERATION = ("exact_match", "contains", "generalization_exact_match", "generalization_contains",
+                   "locality_exact_match", "locality_contains")
 
 
 def _one_at_a_time(model, tokenizer, prompts, max_new_tokens):
@@ -52,6 +59,26 @@ def test_generate_batched_matches_one_prompt_at_a_time(tiny_model_dir):
     for batch_size in (2, 5):
         assert generate_batched(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=batch_size) == expected
     assert model.training and tokenizer.padding_side == "right"
+
+
+def test_generate_batched_ids_are_the_new_tokens_up_to_eos(tiny_model_dir):
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            expected.append(out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out)
+    got = generate_batched_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert got == expected
+    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in got] == \
+        generate_batched(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=5)
+    # A model that ends at once: nothing new, not the padding after it.
+    model.generation_config.eos_token_id = sorted({t for row in expected for t in row[:1]})
+    assert all(row == [] for row, first in zip(
+        generate_batched_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=5), expected) if first)
 
 
 def test_generate_batched_truncates_long_prompts_from_the_left(tiny_model_dir):
@@ -177,15 +204,27 @@ def _steps(rows, key):
     return sorted(int(r["step"]) for r in rows if r.get(key))
 
 
+def _counterfact_names(timing):
+    return {f"edit_quality/{timing}/teacher_forced/counterfact/{score}" for score in TEACHER_FORCED_COUNTERFACT} | \
+        {f"edit_quality/{timing}/free_generation/counterfact/{score}" for score in FREE_GENERATION}
+
+
 def test_evaluators_log_to_the_csv_logger_at_their_steps(evaluated_fit):
     rows = read_csv_metrics(evaluated_fit["trainer"])
     for key in ("general/gsm8k/number_match", "general/rte/label_accuracy", "general/samsum/rouge_mean"):
         assert _steps(rows, key) == [0, 3, 4]  # edit 0, every 3 edits, the end
-    for score in ("efficacy", "generalization", "locality", "efficacy_margin"):
-        assert _steps(rows, f"edit_quality/counterfact/{score}") == [2, 4]  # every 2 edits; the end is step 4 again
-        assert _steps(rows, f"edit_quality_pre/counterfact/{score}") == [2, 4]
-    assert not any(key.startswith("edit_quality/zsre") for row in rows for key, v in row.items() if v)
-    assert [r["requests"] for r in evaluated_fit["quality"].history if r["score"] == "efficacy"] == [2, 2, 4, 4]
+    # Every timing, both protocols, CounterFact only (no zsRE request was edited): these names and no others.
+    logged = {key for row in rows for key, value in row.items() if key.startswith("edit_quality") and value}
+    assert logged == set().union(*(_counterfact_names(timing) for timing in TIMINGS))
+    for timing, steps in [("before_own_edit", [2, 4]), ("after_own_edit", [2, 4]), ("retention", [2, 4]),
+                          ("after_sequence", [4])]:  # every 2 edits; the end is step 4 again, logged once more
+        for key in _counterfact_names(timing):
+            assert _steps(rows, key) == steps, key
+    history = evaluated_fit["quality"].history
+    success = [(r["timing"], r["requests"]) for r in history if r["score"] == "probability_success"]
+    assert success == [("before_own_edit", 2), ("after_own_edit", 2), ("retention", 2),
+                       ("before_own_edit", 4), ("after_own_edit", 4), ("retention", 4), ("after_sequence", 4)]
+    assert all(set(row) >= set(TABLE_COLUMNS) for row in history)
 
 
 def test_general_scores_match_an_independent_evaluation_of_the_unedited_model(evaluated_fit):
@@ -211,41 +250,272 @@ def test_general_scores_match_an_independent_evaluation_of_the_unedited_model(ev
     assert len(table["data"]) == 9
     quality = evaluated_fit["quality"].history
     table = tables["edit_quality"]
-    assert table["columns"] == ["step", "requests", "kind", "score", "pre_edit", "value"]
-    assert table["data"] == [[h["step"], h["requests"], h["kind"], h["score"], h["pre_edit"], h["value"]]
+    assert table["columns"] == ["step", "requests", "timing", "protocol", "kind", "score", "value"]
+    assert table["data"] == [[h["step"], h["requests"], h["timing"], h["protocol"], h["kind"], h["score"], h["value"]]
                              for h in quality]
     assert {row[0] for row in table["data"]} == {2, 4} and len(table["data"]) == len(quality) > 0
 
 
-def test_edit_quality_rises_over_pre_edit_values(evaluated_fit):
+def _value(history, step, timing, score, protocol="teacher_forced"):
+    (row,) = [h for h in history if (h["step"], h["timing"], h["protocol"], h["score"]) ==
+              (step, timing, protocol, score)]
+    return row["value"]
+
+
+def test_edit_quality_rises_over_the_before_own_edit_values(evaluated_fit):
     history = evaluated_fit["quality"].history
-
-    def value(step, score, pre):
-        (row,) = [h for h in history if h["step"] == step and h["score"] == score and h["pre_edit"] is pre]
-        return row["value"]
-
     for step in (2, 4):
-        assert value(step, "efficacy_margin", False) > value(step, "efficacy_margin", True)
-        assert value(step, "efficacy", False) >= value(step, "efficacy", True)
-    assert value(4, "efficacy", False) == 1.0
+        before = lambda score, protocol="teacher_forced": _value(history, step, "before_own_edit", score, protocol)
+        after = lambda score, protocol="teacher_forced": _value(history, step, "after_own_edit", score, protocol)
+        assert after("probability_margin") > before("probability_margin")
+        assert after("probability_success") >= before("probability_success")
+        assert after("exact_match", "free_generation") > before("exact_match", "free_generation")
+    assert _value(history, 4, "after_sequence", "probability_success") == 1.0
 
 
-def test_pre_edit_value_is_the_request_scored_before_its_own_edit(tmp_path, rome_factory, make_trainer):
+def test_one_token_targets_exact_match_is_top1_accuracy(evaluated_fit):
+    """For a one-token target, greedy generation's first token is the argmax that top-1 accuracy reads: the two
+    protocols must agree at every timing, while the probability comparison may well say more."""
+    history, tokenizer = evaluated_fit["quality"].history, evaluated_fit["tokenizer"]
+    for request in evaluated_fit["quality"].requests:
+        for prompt in (request.rendered_prompt, *request.paraphrase_prompts):
+            assert len(tokenizer(prompt + " " + request.target_new)["input_ids"]) == \
+                len(tokenizer(prompt)["input_ids"]) + 1
+    pairs = [("exact_match", "top1_accuracy"), ("generalization_exact_match", "generalization_top1_accuracy")]
+    for step, timing in [(2, "before_own_edit"), (2, "after_own_edit"), (2, "retention"), (4, "after_sequence")]:
+        for free, forced in pairs:
+            assert _value(history, step, timing, free, "free_generation") == \
+                pytest.approx(_value(history, step, timing, forced)), (timing, free)
+
+
+def test_retention_ends_on_the_after_sequence_score(evaluated_fit):
+    history = evaluated_fit["quality"].history
+    after_sequence = {(h["protocol"], h["kind"], h["score"]): h["value"] for h in history
+                      if h["timing"] == "after_sequence"}
+    assert len(after_sequence) == len(TEACHER_FORCED_COUNTERFACT) + len(FREE_GENERATION)
+    last_retention = {}
+    for h in history:  # in logging order: the last row of each score wins
+        if h["timing"] == "retention":
+            last_retention[(h["protocol"], h["kind"], h["score"])] = h["value"]
+    assert last_retention == after_sequence
+    # The end was evaluated at step 4 already (no post-hoc restraint): logged again, not recomputed.
+    assert [h["step"] for h in history if h["timing"] == "retention" and h["score"] == "contains"] == [2, 4]
+
+
+def test_scores_match_an_independent_computation_on_the_edited_model(evaluated_fit):
+    """Probability success, top-1 accuracy, exact match and contains of the final model, written out by hand: one
+    unpadded forward or ``generate`` per prompt."""
+    model, tokenizer = evaluated_fit["module"].model, evaluated_fit["tokenizer"]
+    requests = evaluated_fit["quality"].requests
+    model.eval()
+
+    def top1(prompt, target):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
+        argmax = logits[len(prompt_ids) - 1 : -1].argmax(dim=-1)
+        return (argmax == torch.tensor(target_ids)).float().mean().item()
+
+    def generated(prompt, target):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=len(target_ids) + 3, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        text = " ".join(tokenizer.decode(new, skip_special_tokens=True).lower().split())
+        return float(new[: len(target_ids)] == target_ids), float(" ".join(target.lower().split()) in text)
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    expected = {
+        "teacher_forced/probability_success": mean([
+            float(target_nll(model, tokenizer, r.rendered_prompt, r.target_new) <
+                  target_nll(model, tokenizer, r.rendered_prompt, r.target_true)) for r in requests]),
+        "teacher_forced/top1_accuracy": mean([top1(r.rendered_prompt, r.target_new) for r in requests]),
+        "teacher_forced/generalization_top1_accuracy": mean([
+            mean([top1(p, r.target_new) for p in r.paraphrase_prompts]) for r in requests]),
+        "teacher_forced/locality_top1_accuracy": mean([
+            mean([top1(p, r.target_true) for p in r.neighborhood_prompts]) for r in requests]),
+        "free_generation/exact_match": mean([generated(r.rendered_prompt, r.target_new)[0] for r in requests]),
+        "free_generation/contains": mean([generated(r.rendered_prompt, r.target_new)[1] for r in requests]),
+        "free_generation/generalization_contains": mean([
+            mean([generated(p, r.target_new)[1] for p in r.paraphrase_prompts]) for r in requests]),
+        "free_generation/locality_exact_match": mean([
+            mean([generated(p, r.target_true)[0] for p in r.neighborhood_prompts]) for r in requests]),
+    }
+    history = evaluated_fit["quality"].history
+    got = {f"{protocol}/{score}": _value(history, 4, "after_sequence", score, protocol)
+           for protocol, score in (key.split("/") for key in expected)}
+    assert got == pytest.approx(expected)
+    assert 0 < expected["teacher_forced/top1_accuracy"] and 0 < expected["free_generation/exact_match"]
+
+
+def test_test_step_logs_the_teacher_forced_scores_under_their_protocol(evaluated_fit, tmp_path):
+    from lightning.pytorch import Trainer
+
+    module = evaluated_fit["module"]
+    data = EditDataModule(source=str(evaluated_fit["trainer"].default_root_dir) + "/cf.json")
+    (logged,) = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path).test(module, datamodule=data, verbose=False)
+    assert set(logged) == {f"test/teacher_forced/counterfact/{score}" for score in TEACHER_FORCED_COUNTERFACT}
+    history = evaluated_fit["quality"].history
+    for score in TEACHER_FORCED_COUNTERFACT:  # the same model and requests as the evaluator's after-sequence score
+        assert logged[f"test/teacher_forced/counterfact/{score}"] == \
+            pytest.approx(_value(history, 4, "after_sequence", score), abs=1e-6)
+
+
+def test_own_edit_timings_score_each_request_right_before_and_after_its_write(tmp_path, rome_factory, make_trainer):
     requests_file = write_counterfact(tmp_path / "cf.json", 2, seed=3)
     quality = EditQualityEvaluator(every_n_edits=1)
     module = SequentialEditor(model="tiny:gpt2", editor=rome_factory(), save_edited_model=False, verbose=False)
     data = EditDataModule(source=str(requests_file))
     data.setup("fit")
-    first = data.requests[0]
-    reference = CounterFactScore()
-    update_edit_quality(reference, ZsREScore(), load_causal_lm("tiny:gpt2"), load_tokenizer("tiny:gpt2"), [first])
-    expected = {k: float(v) for k, v in reference.compute().items()}
+    reference = EditQualityMetrics(free_generation=True)
+    reference.update(load_causal_lm("tiny:gpt2"), load_tokenizer("tiny:gpt2"), data.requests[:1])
+    unedited = reference.compute()
     make_trainer([quality]).fit(module, datamodule=EditDataModule(source=str(requests_file)))
-    pre_at_1 = {h["score"]: h["value"] for h in quality.history if h["step"] == 1 and h["pre_edit"]}
-    post_at_1 = {h["score"]: h["value"] for h in quality.history if h["step"] == 1 and not h["pre_edit"]}
-    assert pre_at_1 == pytest.approx(expected)
-    assert post_at_1["efficacy_margin"] > pre_at_1["efficacy_margin"]
+
+    def at(step, timing):
+        return {f"{h['protocol']}/{h['kind']}/{h['score']}": h["value"] for h in quality.history
+                if h["step"] == step and h["timing"] == timing}
+
+    assert at(1, "before_own_edit") == pytest.approx(unedited)  # the first request on the unedited model
+    # After the first write, its own-edit score is the retention score: the same request on the same model.
+    assert at(1, "after_own_edit") == pytest.approx(at(1, "retention"))
+    assert at(1, "after_own_edit")["teacher_forced/counterfact/probability_margin"] > \
+        at(1, "before_own_edit")["teacher_forced/counterfact/probability_margin"]
     assert sorted({h["step"] for h in quality.history}) == [1, 2]
+
+
+def test_post_hoc_restraint_adds_the_last_retention_point(tmp_path, rome_factory, make_trainer):
+    from prune_lightning.callbacks import PRUNECallback
+
+    quality = EditQualityEvaluator(every_n_edits=2)
+    module = SequentialEditor(model="tiny:gpt2", editor=rome_factory(), save_edited_model=False, verbose=False)
+    trainer = make_trainer([quality, PRUNECallback(alpha=1e4, mode="post_hoc")])
+    trainer.fit(module, datamodule=EditDataModule(source=str(write_counterfact(tmp_path / "cf.json", 2))))
+    history = quality.history
+
+    retention, after_sequence = _evaluations(history, "retention"), _evaluations(history, "after_sequence")
+    assert len(retention) == 2 and len(after_sequence) == 1  # step 2 twice: after the write, after the restraint
+    assert retention[-1] == after_sequence[0]
+    # The restraint changed the model: the end-of-fit point is not the step's first one, and it is the final model's.
+    margin = ("teacher_forced", "probability_margin")
+    assert retention[0][margin] != retention[1][margin]
+    final = EditQualityMetrics(free_generation=True)
+    final.update(module.model, module.tokenizer, quality.requests)
+    assert {f"{p}/counterfact/{s}": v for (p, s), v in after_sequence[0].items()} == pytest.approx(final.compute())
+    # The own-edit running means are not logged twice at step 2.
+    for timing in ("before_own_edit", "after_own_edit"):
+        assert len([h for h in history if h["timing"] == timing and h["score"] == "exact_match"]) == 1
+    rows = read_csv_metrics(trainer)
+    key = "edit_quality/retention/teacher_forced/counterfact/probability_margin"
+    assert [float(r[key]) for r in rows if r.get(key)] == pytest.approx([b[margin] for b in retention])
+
+
+def test_resume_from_a_checkpoint_keeps_the_running_means(tmp_path, rome_factory, make_trainer):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    source = str(write_counterfact(tmp_path / "cf.json", 4))
+
+    def run(root, ckpt_path=None, checkpoint=True):
+        quality = EditQualityEvaluator(every_n_edits=3)
+        module = SequentialEditor(model="tiny:gpt2", editor=rome_factory(), save_edited_model=False, verbose=False)
+        callbacks = [quality]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1,
+                                             filename="{step}"))
+        make_trainer(callbacks, root=root, enable_checkpointing=checkpoint).fit(
+            module, datamodule=EditDataModule(source=source), ckpt_path=ckpt_path)
+        return quality
+
+    full = run(tmp_path / "full")
+    # Resumed after 2 edits, before any evaluation: the step-3 means hold those 2 requests only through the checkpoint.
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "full" / "ckpt" / "step=2.ckpt", checkpoint=False)
+    assert resumed.requests == full.requests
+    assert [(h["step"], h["timing"], h["protocol"], h["score"]) for h in resumed.history] == \
+        [(h["step"], h["timing"], h["protocol"], h["score"]) for h in full.history]
+    assert [h["value"] for h in resumed.history] == pytest.approx([h["value"] for h in full.history], abs=1e-5)
+    for timing in ("before_own_edit", "after_own_edit"):
+        assert resumed._running[timing]["teacher_forced/counterfact"]["efficacy_cases"] == 4
+        assert [h["requests"] for h in resumed.history if h["timing"] == timing and h["score"] == "contains"] == [3, 4]
+
+
+def _evaluations(history, timing):
+    """The rows of ``timing`` as one ``{(protocol, score): value}`` per evaluation (a score that comes again starts
+    the next one)."""
+    out = []
+    for h in history:
+        if h["timing"] != timing:
+            continue
+        key = (h["protocol"], h["score"])
+        if not out or key in out[-1]:
+            out.append({})
+        out[-1][key] = h["value"]
+    return out
+
+
+def test_free_generation_scorer_against_one_prompt_at_a_time():
+    """CounterFact and zsRE requests whose answers are partly the unedited model's own greedy words, so that both
+    outcomes occur; the scorer against a per-prompt ``generate`` and the rules written out by hand."""
+    model, tokenizer = load_causal_lm("tiny:gpt2"), load_tokenizer("tiny:gpt2")
+    model.eval()
+
+    def greedy(prompt, n):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+    def own_word(prompt):
+        word = tokenizer.decode(greedy(prompt, 1)).strip()
+        assert word, prompt
+        return word
+
+    prompts = ["The hometown of Alice Bruno is", "The home town of Alice Bruno is", "Dana Smith lives in",
+               "The hometown of Emil is", "Where was Dana born? In", "Dana was born in the city of"]
+    counterfact = EditRequest(prompt="The hometown of {} is", subject="Alice Bruno", target_new=own_word(prompts[0]),
+                              target_true="Rome", paraphrase_prompts=[prompts[1], prompts[2]],
+                              neighborhood_prompts=[prompts[3]])
+    zsre = EditRequest(prompt="Where was {} born? In", subject="Dana", target_new="Paris",
+                       paraphrase_prompts=[prompts[5]], neighborhood_prompts=[prompts[3], prompts[2]],
+                       neighborhood_targets=[own_word(prompts[3]), "Oslo"])
+
+    def rules(prompt, target):
+        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+        new = greedy(prompt, len(target_ids) + 3)
+        text = " ".join(tokenizer.decode(new, skip_special_tokens=True).casefold().split())
+        return float(new[: len(target_ids)] == target_ids), float(target.casefold() in text)
+
+    def case(request):
+        local = request.neighborhood_targets or [request.target_true] * len(request.neighborhood_prompts)
+        parts = {"": [rules(request.rendered_prompt, request.target_new)],
+                 "generalization_": [rules(p, request.target_new) for p in request.paraphrase_prompts],
+                 "locality_": [rules(p, t) for p, t in zip(request.neighborhood_prompts, local)]}
+        out = {}
+        for part, values in parts.items():
+            out[f"{part}exact_match"] = sum(v[0] for v in values) / len(values)
+            out[f"{part}contains"] = sum(v[1] for v in values) / len(values)
+        return out
+
+    scores = {"counterfact": FreeGenerationScore(), "zsre": FreeGenerationScore()}
+    update_free_generation(scores["counterfact"], scores["zsre"], model, tokenizer, [zsre, counterfact], batch_size=2)
+    for kind, request in (("counterfact", counterfact), ("zsre", zsre)):
+        got = {key: float(value) for key, value in scores[kind].compute().items()}
+        assert got == pytest.approx(case(request)), kind
+    values = [v for request in (counterfact, zsre) for v in case(request).values()]
+    assert 0.0 in values and 1.0 in values  # both outcomes occur: the comparison can fail
+    # An explicit window of one token: a two-token hedge before the answer no longer counts.
+    narrow = FreeGenerationScore()
+    update_free_generation(narrow, FreeGenerationScore(), model, tokenizer, [counterfact], max_new_tokens=1)
+    assert float(narrow.compute()["exact_match"]) == float(scores["counterfact"].compute()["exact_match"])
+    with pytest.raises(ValueError, match="new_token_slack must be an int >= 0, got -1"):
+        update_free_generation(narrow, narrow, model, tokenizer, [counterfact], new_token_slack=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -270,7 +540,32 @@ def test_state_dict_round_trip_through_a_checkpoint(evaluated_fit, tmp_path):
     assert all(isinstance(r, EditRequest) for r in quality2.requests)
     assert quality2.history == quality.history and quality2.last_step == 4
     assert quality2.state_dict() == quality.state_dict()
-    assert quality2._pre_states == quality._pre_states and quality2._pre_states["counterfact"]["efficacy_cases"] == 4
+    assert quality2._running == quality._running
+    for timing in ("before_own_edit", "after_own_edit"):
+        assert quality2._running[timing]["teacher_forced/counterfact"]["efficacy_cases"] == 4
+        assert quality2._running[timing]["free_generation/counterfact"]["exact_match_cases"] == 4
+
+
+def test_a_checkpoint_of_the_old_evaluator_is_refused_with_one_clear_error():
+    old = {"requests": [], "last_step": 2, "pre_states": {"counterfact": {"efficacy_sum": 1.0}},
+           "history": [{"step": 2, "requests": 2, "kind": "counterfact", "score": "efficacy", "pre_edit": False,
+                        "value": 1.0}]}
+    with pytest.raises(ValueError, match="written before the evaluator logged timings and protocols"):
+        EditQualityEvaluator().load_state_dict(old)
+
+
+def test_zsre_requests_are_scored_under_their_kind():
+    model, tokenizer = load_causal_lm("tiny:gpt2"), load_tokenizer("tiny:gpt2")
+    zsre = EditRequest(prompt="Where was {} born? In", subject="Dana", target_new="Paris",
+                       paraphrase_prompts=["Dana was born in the city of"], neighborhood_prompts=["Emil lives in"],
+                       neighborhood_targets=["Oslo"])
+    metrics = EditQualityMetrics(free_generation=True)
+    metrics.update(model, tokenizer, [zsre])
+    values = metrics.compute()
+    assert set(values) == {f"teacher_forced/zsre/{score}" for score in ("top1_accuracy", "generalization", "locality")} \
+        | {f"free_generation/zsre/{score}" for score in FREE_GENERATION}
+    assert all(0.0 <= value <= 1.0 for value in values.values())
+    assert EditQualityMetrics().compute() == {}  # nothing scored: no kind is reported
 
 
 def test_distinct_settings_give_distinct_state_keys():
@@ -302,6 +597,11 @@ def test_general_ability_rejects_bad_arguments(kwargs, match):
     (dict(every_n_edits=0), "every_n_edits must be an int >= 1, got 0"),
     (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
     (dict(pre_edit="yes"), "pre_edit must be a bool, got 'yes'"),
+    (dict(after_own_edit=1), "after_own_edit must be a bool, got 1"),
+    (dict(retention=None), "retention must be a bool, got None"),
+    (dict(free_generation="no"), "free_generation must be a bool, got 'no'"),
+    (dict(max_new_tokens=0), "max_new_tokens must be None or an int >= 1, got 0"),
+    (dict(new_token_slack=-1), "new_token_slack must be an int >= 0, got -1"),
 ])
 def test_edit_quality_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -394,7 +694,9 @@ def test_shipped_fragments_parse_with_the_paper_tasks(repo_dir, monkeypatch, cap
         ["GeneralAbilityEvaluator", "EditQualityEvaluator"]
     tasks = callbacks[-2]["init_args"]["tasks"]
     assert [(t["name"], t["limit"]) for t in tasks] == [("gsm8k", 358), ("samsum", 149), ("nq", 261), ("rte", 299)]
-    assert callbacks[-1]["init_args"] == {"every_n_edits": 10, "batch_size": 16, "pre_edit": True}
+    assert callbacks[-1]["init_args"] == {"every_n_edits": 10, "batch_size": 16, "pre_edit": True,
+                                          "after_own_edit": True, "retention": True, "free_generation": True,
+                                          "max_new_tokens": None, "new_token_slack": 3}
 
 
 def test_cli_builds_task_configs_from_yaml(repo_dir, tmp_path, monkeypatch):
@@ -434,9 +736,9 @@ def test_evaluators_run_after_a_post_hoc_restraint_listed_behind_them(tmp_path, 
     for callback in (general, quality):
         evaluate = callback.evaluate
 
-        def spy(trainer, pl_module, evaluate=evaluate, name=type(callback).__name__):
+        def spy(trainer, pl_module, evaluate=evaluate, name=type(callback).__name__, **kwargs):
             restraints_seen.append((name, trainer.global_step, prune.restraints))
-            return evaluate(trainer, pl_module)
+            return evaluate(trainer, pl_module, **kwargs)
 
         callback.evaluate = spy
     module = SequentialEditor(model="tiny:gpt2", editor=rome_factory(), save_edited_model=False, verbose=False)

@@ -62,8 +62,10 @@ def test_every_metric_is_plotted_against_the_number_of_edits(wandb_fit):
         pytest.approx([h["kappa"] for h in wandb_fit["monitor"].history])
     losses = [row for row in wandb_fit["rows"] if "edit/loss" in row]
     assert [row["edits"] for row in losses] == [1, 2, 3, 4]
-    quality = [row for row in wandb_fit["rows"] if "edit_quality/counterfact/efficacy" in row]
-    assert [row["edits"] for row in quality] == [2, 4]
+    retention = "edit_quality/retention/teacher_forced/counterfact/probability_success"
+    assert [row["edits"] for row in wandb_fit["rows"] if retention in row] == [2, 4]
+    after_sequence = "edit_quality/after_sequence/free_generation/counterfact/exact_match"
+    assert [row["edits"] for row in wandb_fit["rows"] if after_sequence in row] == [4]
 
 
 def test_the_spectra_are_histograms_in_wandb_and_quantiles_everywhere(wandb_fit):
@@ -97,7 +99,7 @@ def test_the_spectra_are_histograms_in_wandb_and_quantiles_everywhere(wandb_fit)
 def test_the_evaluators_tables_land_in_the_run(wandb_fit):
     rows, run_dir = wandb_fit["rows"], wandb_fit["run_dir"]
     for key, callback, columns in [
-        ("edit_quality", wandb_fit["quality"], ["step", "requests", "kind", "score", "pre_edit", "value"]),
+        ("edit_quality", wandb_fit["quality"], ["step", "requests", "timing", "protocol", "kind", "score", "value"]),
         ("general_ability", wandb_fit["general"], ["step", "task", "metric", "value"]),
     ]:
         (row,) = [row for row in rows if f"{key}/_type" in row]

@@ -8,17 +8,23 @@ import torch
 from prune_lightning.metrics import (
     CounterFactScore,
     ExactMatch,
+    FreeGenerationScore,
     LabelAccuracy,
     NumberMatch,
     RougeMean,
+    TokenAccuracyScore,
     ZsREScore,
     build_text_metric,
     continuation_ids,
     counterfact_scores,
     exact_match,
+    free_generation_scores,
+    generation_contains,
+    generation_exact_match,
     gsm8k_correct,
     label_accuracy,
     normalize_answer,
+    normalize_generation,
     normalize_number,
     number_match,
     register_text_metric,
@@ -28,6 +34,7 @@ from prune_lightning.metrics import (
     target_nll,
     teacher_forced_accuracy,
     teacher_forced_predictions,
+    teacher_forced_scores,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,6 +384,121 @@ def test_teacher_forced_accuracy_matches_manual(tiny_lm):
     assert torch.equal(teacher_forced_accuracy(model, tokenizer, PROMPTS, TARGETS, reference=shifted), torch.zeros(3))
     with pytest.raises(ValueError, match=r"reference\[0\] has 99 tokens"):
         teacher_forced_accuracy(model, tokenizer, PROMPTS, TARGETS, reference=[torch.zeros(99)] * 3)
+
+
+def test_teacher_forced_scores_are_nll_and_top1_of_one_pass(tiny_lm):
+    model, tokenizer = tiny_lm
+    nll, accuracy = teacher_forced_scores(model, tokenizer, PROMPTS, TARGETS, batch_size=2)
+    for i, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+        token_lp, argmax, ids = _manual(model, tokenizer, p, t)
+        assert float(nll[i]) == pytest.approx(float(-token_lp.mean()), abs=1e-5)
+        assert float(accuracy[i]) == pytest.approx(float((argmax == ids).float().mean()))
+    # the target "the guitar in Seattle" has several tokens: a fraction, not all-or-nothing, is possible
+    assert len(continuation_ids(tokenizer, TARGETS[1], PROMPTS[1])) > 1
+    empty = teacher_forced_scores(model, tokenizer, [], [])
+    assert [v.shape for v in empty] == [(0,), (0,)]
+
+
+def test_token_accuracy_score_means_cases_then_prompts():
+    metric = TokenAccuracyScore()
+    metric.update(efficacy=torch.tensor([1.0, 0.5]), generalization=[[1.0, 0.0], [0.5]])
+    metric.update(locality=[[], [1.0, 1.0, 0.0]])  # a case without neighbours does not count
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out == pytest.approx({"efficacy": 0.75, "generalization": 0.5, "locality": 2 / 3})
+    with pytest.raises(ValueError, match=r"TokenAccuracyScore: unknown part\(s\) \['rewrite'\]"):
+        super(TokenAccuracyScore, metric).update(rewrite=[1.0])
+    with pytest.raises(ValueError, match=r"locality values must lie in \[0, 1\], got \[2.0\]"):
+        metric.update(locality=[2.0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# free generation: scores of hand-made generations
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("  Paris\n", "paris"), ("New   York\tCity", "new york city"), ("STRASSE", "strasse"), ("Straße", "strasse"),
+    ("", ""),
+])
+def test_normalize_generation(text, expected):
+    assert normalize_generation(text) == expected
+
+
+def test_free_generation_scores_of_hand_made_generations():
+    """Continuations of "The hometown of X is" written by hand in the tiny GPT-2 vocabulary, target "Paris"."""
+    from prune_lightning.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny:gpt2")
+    prompt, target = "The hometown of Alice Bruno is", "Paris"
+    target_ids = continuation_ids(tokenizer, target, prompt)
+    assert tokenizer.convert_ids_to_tokens(target_ids) == ["ĠParis"]  # one token
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    split = ids(" Pa") + ids("ris")  # the same text in other pieces
+    assert tokenizer.decode(split) == " Paris" and len(split) > 1
+    generations = {
+        "exact": target_ids,
+        "longer": target_ids + ids(", France"),
+        "case": ids(" paris"),
+        "split": split,
+        "empty": [],
+        "stopped_early": split[:1],  # " Pa", then end of sequence
+        "hedge": ids(" the city of Paris"),
+        "other": ids(" Rome"),
+    }
+    texts = [tokenizer.decode(g) for g in generations.values()]
+    scores = free_generation_scores(list(generations.values()), texts, [target_ids] * len(generations),
+                                    [target] * len(generations))
+    got = {name: (int(e), int(c)) for name, e, c in zip(generations, scores["exact_match"], scores["contains"])}
+    assert got == {
+        "exact": (1, 1),
+        "longer": (1, 1),  # only the target's length is compared
+        "case": (0, 1),  # other tokens; the normalised text contains it
+        "split": (0, 1),  # exact match compares tokens, not text
+        "empty": (0, 0),
+        "stopped_early": (0, 0),
+        "hedge": (0, 1),  # not at the start; inside the window
+        "other": (0, 0),
+    }
+
+
+def test_free_generation_rules_at_their_edges():
+    # A continuation that extends the target's last token into a longer word matches both rules: the documented
+    # consequence of comparing the first len(target) tokens and of a substring test.
+    from prune_lightning.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny:gpt2")
+    rome = continuation_ids(tokenizer, "Rome", "He lives in")
+    romeo = tokenizer(" Romeo", add_special_tokens=False)["input_ids"]
+    assert romeo[: len(rome)] == rome
+    assert generation_exact_match(romeo, rome) and generation_contains(" Romeo", "Rome")
+    # A multi-token target: every token must match; whitespace inside the target is normalised.
+    assert generation_exact_match([5, 6, 7], [5, 6]) and not generation_exact_match([5, 7, 6], [5, 6])
+    assert generation_contains(" new  york\ncity!", "New York City")
+    assert not generation_contains(" NewYork City", "New York City")
+    with pytest.raises(ValueError, match="target_ids is empty"):
+        generation_exact_match([1], [])
+    with pytest.raises(ValueError, match="target '  ' is empty after normalising"):
+        generation_contains("anything", "  ")
+    with pytest.raises(ValueError, match=r"one entry per prompt .* 'targets': 1"):
+        free_generation_scores([[1], [2]], ["a", "b"], [[1], [2]], ["a"])
+
+
+def test_free_generation_score_accumulates_per_case():
+    whole, halves = FreeGenerationScore(), FreeGenerationScore()
+    values = dict(exact_match=torch.tensor([1.0, 0.0, 1.0]), contains=torch.tensor([1.0, 1.0, 1.0]),
+                  generalization_exact_match=[[1.0, 0.0], [0.0], []], locality_contains=[[1.0, 1.0], [0.0], [1.0]])
+    whole.update(**values)
+    halves.update(**{k: v[:1] for k, v in values.items()})
+    halves.update(**{k: v[1:] for k, v in values.items()})
+    for metric in (whole, halves):
+        out = {k: float(v) for k, v in metric.compute().items()}
+        assert out["exact_match"] == pytest.approx(2 / 3) and out["contains"] == 1.0
+        assert out["generalization_exact_match"] == pytest.approx(0.25)  # (0.5 + 0) / 2: the empty case not counted
+        assert out["locality_contains"] == pytest.approx(2 / 3)
+        assert math.isnan(out["generalization_contains"]) and math.isnan(out["locality_exact_match"])
 
 
 def test_continuation_ids_drops_sentencepiece_space():

@@ -1,6 +1,7 @@
 """Edit success: how well edits took (efficacy, generalization) and what they left alone (locality).
 
-Two protocols, both teacher-forced (the target is fed to the model; nothing is generated):
+Two protocols, both teacher-forced (the target is fed to the model; nothing is generated; for what the model says
+when nothing is fed, see :mod:`prune_lightning.metrics.free_generation`):
 
 **CounterFact** (ROME, Meng et al. 2022). For every prompt the model scores two continuations, ``" " + target_new``
 and ``" " + target_true``, by their mean per-token negative log-likelihood (:func:`target_nll`). Then, per case:
@@ -37,6 +38,13 @@ target's tokens are those of ``" " + target`` as it follows the prompt in runnin
 (:func:`prune_lightning.tokens.continuation_ids`, the definition the editors use too), and the two id lists are
 concatenated. For GPT-2 that is ``tok(" " + target)``, as in the authors' evaluation (``kmeng01/rome``
 ``experiments/py/eval_utils_counterfact.py``). Batches are right-padded with an attention mask.
+
+**Top-1 token accuracy on CounterFact prompts.** The zsRE measure applies to CounterFact requests too: the share of
+``target_new``'s tokens that are the argmax at their position on the edited prompt and its paraphrases (EasyEdit's
+``rewrite_acc`` and ``rephrase_acc``), and of ``target_true``'s on the neighborhood prompts.
+:func:`teacher_forced_scores` gives the NLL and this accuracy from the same forward pass, and
+:class:`TokenAccuracyScore` (of which :class:`ZsREScore` is the zsRE-named case) accumulates it beside
+:class:`CounterFactScore`'s probability comparison.
 """
 
 from __future__ import annotations
@@ -50,13 +58,16 @@ from torchmetrics import Metric
 from prune_lightning.tokens import continuation_ids
 
 __all__ = [
+    "CaseMeans",
     "CounterFactScore",
+    "TokenAccuracyScore",
     "ZsREScore",
     "continuation_ids",
     "counterfact_scores",
     "target_nll",
     "teacher_forced_accuracy",
     "teacher_forced_predictions",
+    "teacher_forced_scores",
 ]
 
 PerCase = Union[float, Tensor, Sequence[Any]]
@@ -150,6 +161,30 @@ def target_nll(
     scored = _teacher_forced(model, tokenizer, prompts, targets, batch_size)
     values = [-lp.gather(1, ids[:, None]).mean() for ids, lp in scored]
     return torch.stack(values) if values else torch.zeros(0)
+
+
+def teacher_forced_scores(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """:func:`target_nll` and :func:`teacher_forced_accuracy` of each ``(prompt, target)`` from one forward pass.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        prompts: Complete prompts.
+        targets: One continuation per prompt, without the leading space.
+        batch_size: Prompts per forward pass.
+
+    Returns:
+        ``(nll, accuracy)``, two float tensors of shape ``(len(prompts),)`` (on the CPU): the mean NLL of the target's
+        tokens, and the share of them that are the argmax at their position.
+    """
+    scored = _teacher_forced(model, tokenizer, prompts, targets, batch_size)
+    if not scored:
+        return torch.zeros(0), torch.zeros(0)
+    nll = torch.stack([-lp.gather(1, ids[:, None]).mean() for ids, lp in scored])
+    accuracy = torch.stack([(lp.argmax(dim=-1) == ids).float().mean() for ids, lp in scored])
+    return nll, accuracy
 
 
 def teacher_forced_predictions(
@@ -390,7 +425,79 @@ class CounterFactScore(Metric):
         return out
 
 
-class ZsREScore(Metric):
+class CaseMeans(Metric):
+    """Means over cases of per-prompt values in ``[0, 1]``, one mean per named part.
+
+    Each update gives, per part, per-case values (see the module docstring for the shapes): a case's prompts are
+    averaged first, then the cases; a case without prompts for a part does not count for that part. States are sums
+    and case counts (``dist_reduce_fx="sum"``). Subclasses name the parts (``parts``) and give ``update`` a typed
+    signature: :class:`TokenAccuracyScore`, :class:`ZsREScore`,
+    :class:`~prune_lightning.metrics.free_generation.FreeGenerationScore`.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    parts: tuple[str, ...] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for part in self.parts:
+            self.add_state(f"{part}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{part}_cases", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, **values: Optional[PerCase]) -> None:
+        """Adds cases: ``part=per-case values`` for any of :attr:`parts` (``None`` or left out: none)."""
+        unknown = sorted(set(values) - set(self.parts))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown part(s) {unknown}; expected among {list(self.parts)}")
+        for part in self.parts:
+            if values.get(part) is None:
+                continue
+            cases = [c for c in _as_cases(values[part], part) if c.numel()]
+            for c in cases:
+                if bool(((c < 0) | (c > 1)).any()):
+                    raise ValueError(f"{part} values must lie in [0, 1], got {c.tolist()}")
+            total = torch.stack([c.mean() for c in cases]).sum() if cases else torch.tensor(0.0)
+            setattr(self, f"{part}_sum", getattr(self, f"{part}_sum") + total.to(self.device, torch.float64))
+            setattr(self, f"{part}_cases", getattr(self, f"{part}_cases") + float(len(cases)))
+
+    def compute(self) -> dict[str, Tensor]:
+        """One mean per part; NaN where no case counted."""
+        return {
+            part: _safe_div(getattr(self, f"{part}_sum"), getattr(self, f"{part}_cases")).float()
+            for part in self.parts
+        }
+
+
+class TokenAccuracyScore(CaseMeans):
+    """Accumulates teacher-forced top-1 token accuracies on the edited prompt, its paraphrases and the neighbours.
+
+    Feed it per-prompt fractions of :func:`teacher_forced_accuracy` (or the second value of
+    :func:`teacher_forced_scores`): ``efficacy`` on the edited prompt(s), ``generalization`` on the paraphrases,
+    ``locality`` on the neighborhood prompts, each against the answer that prompt should give. Any of the three may
+    be left out of an update.
+    """
+
+    parts = ("efficacy", "generalization", "locality")
+
+    def update(  # type: ignore[override]
+        self,
+        efficacy: Optional[PerCase] = None,
+        generalization: Optional[PerCase] = None,
+        locality: Optional[PerCase] = None,
+    ) -> None:
+        """Adds cases.
+
+        Args:
+            efficacy: Per-case token accuracy on the edited prompt(s).
+            generalization: Per-case token accuracy on the paraphrases.
+            locality: Per-case token accuracy (or agreement) on the neighborhood prompts.
+        """
+        super().update(efficacy=efficacy, generalization=generalization, locality=locality)
+
+
+class ZsREScore(TokenAccuracyScore):
     """Accumulates zsRE efficacy / generalization / locality: means over cases of teacher-forced token accuracies.
 
     Feed it the per-prompt fractions of :func:`teacher_forced_accuracy` (edit question for efficacy, rephrasing for
@@ -405,44 +512,3 @@ class ZsREScore(Metric):
         >>> {k: float(v) for k, v in metric.compute().items()}
         {'efficacy': 0.75, 'generalization': nan, 'locality': 1.0}
     """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        for part in _ZSRE_PARTS:
-            self.add_state(f"{part}_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"{part}_cases", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(
-        self,
-        efficacy: Optional[PerCase] = None,
-        generalization: Optional[PerCase] = None,
-        locality: Optional[PerCase] = None,
-    ) -> None:
-        """Adds cases.
-
-        Args:
-            efficacy: Per-case token accuracy on the edit question(s).
-            generalization: Per-case token accuracy on the rephrased question(s).
-            locality: Per-case token accuracy (or agreement) on the unrelated ``loc`` question(s).
-        """
-        for part, values in (("efficacy", efficacy), ("generalization", generalization), ("locality", locality)):
-            if values is None:
-                continue
-            cases = [c for c in _as_cases(values, part) if c.numel()]
-            for c in cases:
-                if bool(((c < 0) | (c > 1)).any()):
-                    raise ValueError(f"{part} values must lie in [0, 1] (token accuracies), got {c.tolist()}")
-            total = torch.stack([c.mean() for c in cases]).sum() if cases else torch.tensor(0.0)
-            setattr(self, f"{part}_sum", getattr(self, f"{part}_sum") + total.to(self.device, torch.float64))
-            setattr(self, f"{part}_cases", getattr(self, f"{part}_cases") + float(len(cases)))
-
-    def compute(self) -> dict[str, Tensor]:
-        """``efficacy``, ``generalization``, ``locality``; NaN where no case counted."""
-        return {
-            part: _safe_div(getattr(self, f"{part}_sum"), getattr(self, f"{part}_cases")).float()
-            for part in _ZSRE_PARTS
-        }
