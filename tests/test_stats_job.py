@@ -300,8 +300,9 @@ def test_lower_precision_forward_keeps_full_precision_sums_and_is_part_of_the_pr
         return add(self, keys)
 
     monkeypatch.setattr(GramSum, "add", spy)
-    bf16 = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
-                                    cache_dir=tmp_path / "bf16", forward_precision="bfloat16")
+    with pytest.warns(UserWarning, match=r"forward_precision='bfloat16' on a CPU is emulated"):
+        bf16 = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
+                                        cache_dir=tmp_path / "bf16", forward_precision="bfloat16")
     # The keys come out of a bfloat16 forward; they are summed in float32, outside autocast, at full precision.
     assert seen and set(seen) == {(torch.bfloat16, torch.float32, False, "highest")}
     monkeypatch.undo()
@@ -310,8 +311,9 @@ def test_lower_precision_forward_keeps_full_precision_sums_and_is_part_of_the_pr
         assert 0 < error < 5e-2, error
         assert _read(_cache_file(tmp_path / "bf16", name))[1]["forward_precision"] == "bfloat16"
     # TF32 is a GPU feature: on a CPU the result is that of the full-precision forward.
-    tf32 = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
-                                    cache_dir=tmp_path / "tf32", forward_precision="tf32")
+    with pytest.warns(UserWarning, match=r"'tf32' changes nothing on a CPU"):
+        tf32 = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
+                                        cache_dir=tmp_path / "tf32", forward_precision="tf32")
     for name in modules:
         torch.testing.assert_close(tf32[name], full[name], rtol=1e-6, atol=1e-8)
     # A request that names another forward precision refuses the file; one that names none takes it.

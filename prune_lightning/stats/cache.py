@@ -45,6 +45,7 @@ from prune_lightning.stats.corpus import (REFERENCE_CORPUS, corpus_name, file_sh
                                           parse_corpus_spec)
 from prune_lightning.stats.precision import check_forward_precision
 from prune_lightning.stats.provenance import StatsProvenanceError, provenance_differences
+from prune_lightning.stats.reference import read_reference_file
 
 __all__ = [
     "STATS_FORMAT",
@@ -242,8 +243,6 @@ def load_stats_file(
 
         moment = torch.from_numpy(np.load(path, allow_pickle=False))
     elif suffix == ".npz":
-        from prune_lightning.stats.reference import read_reference_file
-
         moment = read_reference_file(path, in_dim=in_dim, module_name=module_name).moment()
     else:
         raise ValueError(f"stats_file {str(path)!r}: unsupported format {suffix!r}; use .safetensors, .npy or the "

@@ -10,8 +10,8 @@ safetensors file per module, with the metadata of :func:`.cache.expected_metadat
 tokenizer's hash, the corpus, the forward precision - plus what was read: ``n_tokens``, ``n_documents``,
 ``sample_sha256`` and, where ``datasets`` gives one, ``dataset_fingerprint``; :mod:`.provenance`). The forward pass
 may run in lower precision (``forward_precision``: bfloat16 autocast or TF32, :mod:`.precision`) while the sums stay
-in the accumulation dtype. One forward pass feeds every measured module and stops at the last of them (nothing above it is
-computed). There is no optimizer: ``configure_optimizers`` returns ``None`` and each step calls the mock optimizer's
+in the accumulation dtype. One forward pass feeds every measured module and stops at the last of them (nothing above
+it is computed). There is no optimizer: ``configure_optimizers`` returns ``None`` and each step calls the mock optimizer's
 ``step()``, so ``global_step`` counts batches (``max_steps``, ``every_n_train_steps`` work as usual). The documents
 come from :class:`~.corpus.CorpusStream`.
 
@@ -61,7 +61,8 @@ from prune_lightning.stats.cache import (STATS_FORMAT, accumulation_dtype, check
                                          stats_cache_path)
 from prune_lightning.stats.corpus import (REFERENCE_CORPUS, STREAM_START, CorpusLoader, CorpusStream, corpus_name,
                                           file_sha256, local_corpus_path)
-from prune_lightning.stats.precision import accumulation_context, check_forward_precision, forward_context
+from prune_lightning.stats.precision import (accumulation_context, check_forward_precision, forward_context,
+                                             precision_warning)
 from prune_lightning.stats.provenance import tokenizer_sha256
 
 __all__ = ["EXPECTED_WARNINGS", "GramSum", "SecondMomentJob", "agree_on_missing", "gram_blocks", "outer_world"]
@@ -346,6 +347,9 @@ class SecondMomentJob(LightningModule):
                 "device (or give the model by name and the job moves it)"
             )
         device = model_device(model)
+        warning = precision_warning(self.forward_precision, device.type)
+        if warning:
+            rank_zero_warn(warning)
         self._grams = {name: GramSum(dim, self.acc_dtype, device) for name, dim in self._in_dims.items()}
         if self._restored is not None:
             state = self._restored

@@ -22,7 +22,8 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["FORWARD_PRECISIONS", "accumulation_context", "check_forward_precision", "forward_context"]
+__all__ = ["FORWARD_PRECISIONS", "accumulation_context", "check_forward_precision", "forward_context",
+           "precision_warning"]
 
 FORWARD_PRECISIONS = ("model", "bfloat16", "tf32")
 
@@ -32,6 +33,22 @@ def check_forward_precision(value: Optional[str]) -> Optional[str]:
     if value is not None and value not in FORWARD_PRECISIONS:
         raise ValueError(f"forward_precision must be one of {list(FORWARD_PRECISIONS)} (or None), got {value!r}")
     return value
+
+
+def precision_warning(forward_precision: Optional[str], device_type: str) -> Optional[str]:
+    """What to tell a user whose lower-precision forward will not pay off on this device (None: nothing).
+
+    Args:
+        forward_precision: The setting.
+        device_type: Where the model runs.
+    """
+    if device_type != "cpu" or forward_precision in (None, "model"):
+        return None
+    if forward_precision == "tf32":
+        return "forward_precision='tf32' changes nothing on a CPU (TF32 is a GPU feature); the forward runs in float32."
+    return ("forward_precision='bfloat16' on a CPU is emulated unless the CPU has bfloat16 matmul units (AMX, "
+            "AVX512-BF16): it can be many times slower than float32 (34x on the machine of benchmarks/"
+            "stats_throughput.py). It is meant for GPUs.")
 
 
 @contextlib.contextmanager
