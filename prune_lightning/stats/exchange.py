@@ -1,4 +1,5 @@
-"""Statistics users already have: the authors' ``.npz`` files into our cache (import), ours out in their layout (export).
+"""Statistics users already have: the authors' ``.npz`` files into our cache (import), ours out in their layout
+(export).
 
 Computing ``C`` for a large model takes a GPU for hours, and the authors' files (``kmeng01/rome``'s
 ``data/stats/<model>/wikipedia_stats/*.npz``, EasyEdit's, files shared between users) hold the same quantity:
@@ -37,9 +38,9 @@ from prune_lightning.stats.cache import (accumulation_dtype, check_conditioning,
                                          model_id_from_name, read_metadata, save_moment, stats_cache_path)
 from prune_lightning.stats.corpus import corpus_name, file_sha256
 from prune_lightning.stats.provenance import provenance_differences
-from prune_lightning.stats.reference import (METADATA_KEY, REFERENCE_DATASETS, ReferenceName, check_layout, parse_reference_path,
-                                             read_reference_file, reference_ds_name, reference_max_length,
-                                             reference_path, write_reference_file)
+from prune_lightning.stats.reference import (METADATA_KEY, REFERENCE_DATASETS, ReferenceName, check_layout,
+                                             parse_reference_path, read_reference_file, reference_ds_name,
+                                             reference_max_length, reference_path, write_reference_file)
 
 __all__ = ["IMPORT_UNKNOWN", "export_reference_stats", "import_reference_stats", "model_skeleton"]
 
@@ -154,8 +155,8 @@ def import_reference_stats(
         try:
             _, dtype_name = accumulation_dtype(precision)
         except ValueError:
-            raise ValueError(f"{path}: the sums are in {precision}; the cache holds float32 or float64 statistics: give "
-                             "dtype='float32' (--dtype float32) to file them as such") from None
+            raise ValueError(f"{path}: the sums are in {precision}; the cache holds float32 or float64 statistics: "
+                             "give dtype='float32' (--dtype float32) to file them as such") from None
         max_tokens = _int(embedded.get("max_tokens"))
         target = stats_cache_path(model_id, module, target_corpus, n_docs, dtype_name, cache_dir=cache_dir,
                                   max_tokens=max_tokens)
