@@ -231,7 +231,14 @@ def test_a_cached_C_of_other_provenance_is_refused_naming_the_field(lm, corpus, 
     assert "max_length: '64' in the file, '128' requested" in capsys.readouterr().err
     # recompute replaces it.
     stats_mod.second_moment(model, tokenizer, module, str(corpus), recompute=True, **kwargs)
-    assert _read(path)[1] == meta
+    moment, rewritten = _read(path)
+    assert rewritten == meta
+    # A file from before these fields were recorded is not refused for lacking them.
+    older = {k: v for k, v in meta.items() if k not in ("tokenizer_sha256", "dataset_id", "sample_sha256", "source",
+                                                         "forward_precision", "model_dtype")}
+    save_file({"mom2": moment}, str(path), metadata=older)
+    monkeypatch.setattr(SecondMomentJob, "training_step", lambda *a, **k: pytest.fail("recomputed"))
+    assert torch.equal(stats_mod.second_moment(model, tokenizer, module, str(corpus), **kwargs), moment.float())
 
 
 def test_an_imported_C_is_compared_on_what_the_import_could_know(lm, corpus, tmp_path):
