@@ -11,9 +11,9 @@ tokenizer's hash, the corpus, the forward precision - plus what was read: ``n_to
 ``sample_sha256`` and, where ``datasets`` gives one, ``dataset_fingerprint``; :mod:`.provenance`). The forward pass
 may run in lower precision (``forward_precision``: bfloat16 autocast or TF32, :mod:`.precision`) while the sums stay
 in the accumulation dtype. One forward pass feeds every measured module and stops at the last of them (nothing above
-it is computed). There is no optimizer: ``configure_optimizers`` returns ``None`` and each step calls the mock optimizer's
-``step()``, so ``global_step`` counts batches (``max_steps``, ``every_n_train_steps`` work as usual). The documents
-come from :class:`~.corpus.CorpusStream`.
+it is computed). There is no optimizer: ``configure_optimizers`` returns ``None`` and each step calls the mock
+optimizer's ``step()``, so ``global_step`` counts batches (``max_steps``, ``every_n_train_steps`` work as usual). The
+documents come from :class:`~.corpus.CorpusStream`.
 
 Only the upper triangle of each ``S_m`` is computed, by row blocks (``S[a:b, a:] += K[:, a:b]^T K[:, a:]``; about 8
 blocks, none narrower than 256), which saves up to 44% of the multiply-adds (:class:`GramSum`); the lower triangle
