@@ -13,6 +13,13 @@ same model, over the same padded batches (the job's own stream, tokenized once b
 - **statistics job**: ``Trainer.fit(SecondMomentJob(...))`` from the corpus file to the written cache files
   (tokenizing included, Trainer start-up included).
 
+The forward's precision. The job can run its forward pass in bfloat16 (autocast) or with TF32 matmuls while the
+sums stay float32 (``forward_precision``, :mod:`prune_lightning.stats.precision`). A second table runs the job with
+each setting over the same corpus and reports its time against the full-precision job (a ratio above 1 is faster)
+and the relative Frobenius error of each ``C`` against the full-precision ``C`` (largest over the measured modules).
+On a CPU, TF32 changes nothing (it is a GPU feature: error 0, ratio ~1) and bfloat16 autocast is only faster where
+the CPU has bfloat16 matmul units (AMX, AVX512-BF16); on Ampere and later GPUs both are.
+
 Tokens are the non-padding tokens of the batches (the same count for every way). Timings are interleaved over
 ``--repeats`` rounds so that a change of load on a shared machine hits every way alike; the table shows medians and
 the ratio of each way's throughput to the stopped forward (goal for the job: >= 0.9), for the fastest round (the
@@ -29,6 +36,7 @@ Usage::
 
     python benchmarks/stats_throughput.py
     python benchmarks/stats_throughput.py --docs 3000 --d-model 512 --measure 3 --measure 1,2,3 --repeats 5
+    python benchmarks/stats_throughput.py --precision-only --device cuda   # the forward-precision table, on a GPU
 """
 
 from __future__ import annotations
@@ -135,17 +143,49 @@ def forward_to(model, batches, last_module: str, grams=None, modules=()) -> None
 
 
 def run_job(model, tokenizer, modules, corpus: Path, n_docs: int, batch_size: int, cache: Path,
-            num_workers: int) -> SecondMomentJob:
+            num_workers: int, forward_precision: str = "model") -> SecondMomentJob:
     job = SecondMomentJob(model=model, tokenizer=tokenizer, modules=modules, corpus=str(corpus),
-                                    n_samples=n_docs, batch_size=batch_size, cache_dir=str(cache),
-                                    num_workers=num_workers)
+                          n_samples=n_docs, batch_size=batch_size, cache_dir=str(cache),
+                          num_workers=num_workers, forward_precision=forward_precision)
+    device = next(model.parameters()).device
     with quiet_lightning():
-        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        trainer = Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                          enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
                           num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(cache))
         trainer.fit(job)
     assert job.finished and set(job.written) == set(modules)
     return job
+
+
+def precision_table(model, tokenizer, modules, corpus: Path, args, work: Path, n_tokens: int) -> None:
+    """The job with each forward precision, interleaved: time against the full-precision job, error of ``C``."""
+    precisions = ("model", "bfloat16", "tf32")
+    times = {p: [] for p in precisions}
+    moments = {}
+    for _ in range(args.repeats):
+        for precision in precisions:
+            start = time.perf_counter()
+            job = run_job(model, tokenizer, modules, corpus, args.docs, args.batch_size, work / f"cache-{precision}",
+                          args.num_workers, forward_precision=precision)
+            times[precision].append(time.perf_counter() - start)
+            moments[precision] = job.moments
+    reference = moments["model"]
+    fastest = {p: min(t) for p, t in times.items()}
+    medians = {p: statistics.median(t) for p, t in times.items()}
+    print()
+    print(f"forward precision (sums in float32), measured: {', '.join(modules)}")
+    print()
+    print("| forward | fastest s | median s | tokens/s (fastest) | speed vs float32 forward (fastest / median) "
+          "| rel. Frobenius error of C vs float32 forward (largest over modules) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for precision in precisions:
+        error = max(float((moments[precision][m].double() - reference[m].double()).norm()
+                          / reference[m].double().norm()) for m in modules)
+        print(f"| {precision} | {fastest[precision]:.2f} | {medians[precision]:.2f} "
+              f"| {n_tokens / fastest[precision]:,.0f} "
+              f"| {fastest['model'] / fastest[precision]:.2f} / {medians['model'] / medians[precision]:.2f} "
+              f"| {error:.2e} |")
 
 
 def main(argv=None) -> int:
@@ -162,6 +202,9 @@ def main(argv=None) -> int:
                         help="interleaved rounds; the fastest and the median are reported (default: 5)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the job (default: 0)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu; the ways other than the job run "
+                        "on the CPU only)")
+    parser.add_argument("--precision-only", action="store_true", help="only the forward-precision table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -183,6 +226,12 @@ def main(argv=None) -> int:
           f"{n_tokens} tokens ({padded} with padding); {args.repeats} interleaved rounds")
 
     template = "transformer.h.{}.mlp.c_proj"
+    if args.precision_only or args.device != "cpu":
+        model.to(args.device)
+        for measured in settings:
+            precision_table(model, tokenizer, [template.format(layer) for layer in measured], corpus, args, work,
+                            n_tokens)
+        return 0
     forward_whole(model, batches[:2])  # warm-up
     for measured in settings:
         modules = [template.format(layer) for layer in measured]
@@ -223,6 +272,7 @@ def main(argv=None) -> int:
         bound = arithmetic_bound(args.d_model, measured)
         print(f"matmul-only estimate of the job vs forward to the module on this model: {bound:.2f} (pessimistic: the "
               f"forward's attention, GELU and norms, left out, make the real bound higher)")
+        precision_table(model, tokenizer, modules, corpus, args, work, n_tokens)
     return 0
 
 

@@ -123,15 +123,21 @@ def test_second_call_reuses_the_cache(lm, corpus, tmp_path, tiny_model_dir, monk
         second_moment(model, tokenizer, module_name, str(corpus), recompute=True, **kwargs)
 
 
-def test_changed_corpus_is_recomputed(lm, corpus, tmp_path):
+def test_changed_corpus_is_refused_naming_the_field_and_recomputed_on_request(lm, corpus, tmp_path):
     model, tokenizer, module_name = lm
     first = second_moment(model, tokenizer, module_name, str(corpus), n_samples=3, cache_dir=tmp_path)
     corpus.write_text("Completely different text about the ocean.\nAnd another line.\nAnd a third one here.\n")
-    with pytest.warns(UserWarning, match="does not match this request"):
-        second = second_moment(model, tokenizer, module_name, str(corpus), n_samples=3, cache_dir=tmp_path)
+    # The file at the request's path holds C of the old content: refused, never used or silently replaced.
+    with pytest.raises(ValueError, match=r"does not match this request \(corpus_sha256: '[0-9a-f]+\.\.\.[0-9a-f]+' in "
+                                         r"the file, '[0-9a-f.]+' requested\).*recompute=True"):
+        second_moment(model, tokenizer, module_name, str(corpus), n_samples=3, cache_dir=tmp_path)
+    second = second_moment(model, tokenizer, module_name, str(corpus), n_samples=3, cache_dir=tmp_path,
+                           recompute=True)
     assert not torch.allclose(first, second)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # same name, rewritten
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+    assert torch.equal(second_moment(model, tokenizer, module_name, str(corpus), n_samples=3, cache_dir=tmp_path),
+                       second)
 
 
 def test_user_stats_file_is_used_and_checked(lm, tmp_path):

@@ -287,6 +287,51 @@ def test_cached_modules_are_not_recomputed(lm, corpus, tmp_path, monkeypatch):
     assert all(torch.equal(again[name], both[name]) for name in modules)
 
 
+def test_lower_precision_forward_keeps_full_precision_sums_and_is_part_of_the_provenance(lm, corpus, tmp_path,
+                                                                                           monkeypatch):
+    model, tokenizer, modules, _ = lm
+    full = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100, cache_dir=tmp_path / "full")
+    seen = []
+    add = GramSum.add
+
+    def spy(self, keys):
+        seen.append((keys.dtype, self.total.dtype, torch.is_autocast_enabled("cpu"),
+                     torch.get_float32_matmul_precision()))
+        return add(self, keys)
+
+    monkeypatch.setattr(GramSum, "add", spy)
+    with pytest.warns(UserWarning, match=r"forward_precision='bfloat16' on a CPU is emulated"):
+        bf16 = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
+                                        cache_dir=tmp_path / "bf16", forward_precision="bfloat16")
+    # The keys come out of a bfloat16 forward; they are summed in float32, outside autocast, at full precision.
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32, False, "highest")}
+    monkeypatch.undo()
+    for name in modules:
+        error = float((bf16[name] - full[name]).norm() / full[name].norm())
+        assert 0 < error < 5e-2, error
+        assert _read(_cache_file(tmp_path / "bf16", name))[1]["forward_precision"] == "bfloat16"
+    # TF32 is a GPU feature: on a CPU the result is that of the full-precision forward.
+    with pytest.warns(UserWarning, match=r"'tf32' changes nothing on a CPU"):
+        tf32 = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
+                                        cache_dir=tmp_path / "tf32", forward_precision="tf32")
+    for name in modules:
+        torch.testing.assert_close(tf32[name], full[name], rtol=1e-6, atol=1e-8)
+    # A request that names another forward precision refuses the file; one that names none takes it.
+    with pytest.raises(ValueError, match=r"forward_precision: 'bfloat16' in the file, 'model' requested"):
+        stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100, cache_dir=tmp_path / "bf16",
+                                 forward_precision="model")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(SecondMomentJob, "training_step", boom)
+    again = stats_mod.second_moments(model, tokenizer, modules, str(corpus), n_samples=100,
+                                     cache_dir=tmp_path / "bf16")
+    assert all(torch.equal(again[name], bf16[name]) for name in modules)
+    with pytest.raises(ValueError, match=r"forward_precision must be one of \['model', 'bfloat16', 'tf32'\]"):
+        SecondMomentJob(model="tiny:gpt2", layers=[0], forward_precision="fp8")
+
+
 def test_empty_corpus_is_an_error(lm, tmp_path):
     model, tokenizer, modules, _ = lm
     empty = tmp_path / "empty.txt"

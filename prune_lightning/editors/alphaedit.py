@@ -187,9 +187,9 @@ class AlphaEdit(MEMIT):
             (default: Wikipedia, as in the authors' code).
         mom2_n_samples: Number of corpus documents ``C_l`` is computed over.
         mom2_dtype: Accumulation dtype of ``C_l`` (``"float32"`` or ``"float64"``).
-        stats_file: Precomputed ``C_l`` (safetensors or ``.npy``) instead of computing them: a path template with
-            one ``{}`` for the layer index, a ``{layer: path}`` mapping, or a single path when only one layer is
-            edited.
+        stats_file: Precomputed ``C_l`` (safetensors, ``.npy`` or the authors' ``.npz``) instead of computing them:
+            a path template with one ``{}`` for the layer index, a ``{layer: path}`` mapping, or a single path when
+            only one layer is edited.
         state_dtype: dtype of ``P_l`` and of the accumulated ``K_p K_p^T``, kept on the edited matrices' device and
             in checkpoints (``"float32"``, as the reference keeps them, or ``"float64"``); the solve is float64 either
             way.

@@ -176,9 +176,9 @@ class MEMIT(TemplatedEditor):
             (default: Wikipedia, as in the authors' code).
         mom2_n_samples: Number of corpus documents ``C_l`` is computed over.
         mom2_dtype: Accumulation dtype of ``C_l`` (``"float32"`` or ``"float64"``).
-        stats_file: Precomputed ``C_l`` (safetensors or ``.npy``) instead of computing them: a path template with
-            one ``{}`` for the layer index (``"stats/layer{}.safetensors"``), a ``{layer: path}`` mapping, or a single
-            path when only one layer is edited.
+        stats_file: Precomputed ``C_l`` (safetensors, ``.npy`` or the authors' ``.npz``) instead of computing them:
+            a path template with one ``{}`` for the layer index (``"stats/layer{}.safetensors"``), a ``{layer: path}``
+            mapping, or a single path when only one layer is edited.
         context_templates: Explicit context templates (each with one ``{}`` where the prompt goes): a list of groups
             (lists) to average keys over, or a flat list, which is grouped as the authors' code groups its own: the
             plain ``"{}"`` alone, the others together. The first template is where ``h`` is read. Default: ``"{}"``

@@ -170,7 +170,7 @@ class ROME(TemplatedEditor):
             (default: Wikipedia, as in the authors' code).
         mom2_n_samples: Number of corpus documents ``C`` is computed over.
         mom2_dtype: Accumulation dtype of ``C`` (``"float32"`` or ``"float64"``).
-        stats_file: Precomputed ``C`` (safetensors or ``.npy``) instead of computing it.
+        stats_file: Precomputed ``C`` (safetensors, ``.npy`` or the authors' ``.npz``) instead of computing it.
         context_templates: Explicit context templates (each with one ``{}`` where the prompt goes), used as given;
             the first one is where ``h`` is read, so it is normally ``"{}"``. Default: ``"{}"`` and templates
             generated from the model in :meth:`setup`.

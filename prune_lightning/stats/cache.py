@@ -3,13 +3,27 @@
 A matrix is written as safetensors (never pickle) to
 ``<cache>/stats/<model>__<module>__<corpus>__<n_samples>__<dtype>.safetensors`` (with a token budget the count
 reads ``<n_samples>-<max_tokens>tok``); ``<cache>`` is :func:`~prune_lightning.models.default_cache_dir` unless
-``cache_dir`` is given. The same facts, plus the token count, the truncation length and (for local files) the
-corpus's SHA-256, are stored in the file's metadata (:func:`expected_metadata`); a cache file whose metadata does not
-match the request is recomputed (:func:`load_cached`). Files are written through
-:func:`prune_lightning.io.atomic_target`, so an interrupted run never leaves a truncated cache behind.
+``cache_dir`` is given. Files are written through :func:`prune_lightning.io.atomic_target`, so an interrupted run never
+leaves a truncated cache behind.
+
+Provenance. The file's metadata records what its ``C`` is a function of (:mod:`.provenance` lists the fields): the
+model (id, module, hub revision), the tokenizer (``tokenizer_sha256``), the corpus (spec; dataset id, config, split,
+revision and fingerprint of a hub dataset, or the SHA-256 of a local file; ``n_samples``, ``max_tokens``,
+``max_length``; the documents and tokens read and a digest of the documents), the arithmetic (``dtype``,
+``forward_precision``) and its ``source`` (``computed`` by the job, or ``imported`` from the authors' layout,
+:mod:`.exchange`).
+
+The rule (:func:`load_cached`). A request's metadata (:func:`expected_metadata`) names what it knows. A cache file at
+the request's path is used when every field it shares with the request is equal (fields the file does not record or
+lists as ``unknown`` are not compared; ``forward_precision`` only when the request names one) and its matrix has the
+module's shape. Otherwise it is **refused**: :class:`~.provenance.StatsProvenanceError` (a ``ValueError``) names each
+field that differs, with both values; recompute (``recompute=True``, ``prune-edit stats ... --recompute``) or delete the
+file. A cached ``C`` of another model revision, tokenizer or corpus content is never used, and never silently
+replaced. An unreadable file (not safetensors, no ``mom2`` tensor) is recomputed with a warning.
 
 Users with precomputed statistics pass ``stats_file`` (:func:`load_stats_file`: a safetensors file holding the tensor
-``"mom2"`` or a single tensor, or a ``.npy`` array); its shape is checked against the module's input dimension.
+``"mom2"`` or a single tensor, a ``.npy`` array, or an ``.npz`` in the authors' layout); its shape is checked against
+the module's input dimension. ``prune-edit stats import`` files such ``.npz`` files into the cache instead.
 """
 
 from __future__ import annotations
@@ -26,8 +40,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from prune_lightning.io import atomic_target
-from prune_lightning.models import context_length, default_cache_dir, resolve_dtype
-from prune_lightning.stats.corpus import REFERENCE_CORPUS, corpus_name, file_sha256, local_corpus_path
+from prune_lightning.models import context_length, default_cache_dir, resolve_dtype, resolve_model_path
+from prune_lightning.stats.corpus import (REFERENCE_CORPUS, corpus_name, file_sha256, local_corpus_path,
+                                          parse_corpus_spec)
+from prune_lightning.stats.precision import check_forward_precision
+from prune_lightning.stats.provenance import StatsProvenanceError, provenance_differences
+from prune_lightning.stats.reference import read_reference_file
 
 __all__ = [
     "STATS_FORMAT",
@@ -42,6 +60,7 @@ __all__ = [
     "expected_metadata",
     "load_cached",
     "load_stats_file",
+    "model_id_from_name",
     "model_revision",
     "save_moment",
     "slug",
@@ -80,10 +99,12 @@ class StatsSettings:
     checkpoint_dir: Optional[Union[str, Path]] = None
     checkpoint_every_n_steps: Optional[int] = None
     num_workers: int = 0
+    forward_precision: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_request(self.n_samples, self.max_tokens)
         accumulation_dtype(self.dtype)
+        check_forward_precision(self.forward_precision)
 
 STATS_FORMAT = "prune_lightning.second_moment/1"
 
@@ -124,23 +145,29 @@ def expected_metadata(
     corpus: str,
     n_samples: int,
     dtype: str,
-    max_length: int,
+    max_length: Optional[int],
     max_tokens: Optional[int] = None,
     corpus_sha256: Optional[str] = None,
     model_revision: Optional[str] = None,
+    tokenizer_sha256: Optional[str] = None,
+    forward_precision: Optional[str] = None,
 ) -> dict[str, str]:
-    """The metadata a cache file of this request carries (before ``n_tokens`` / ``n_documents`` are known).
+    """The metadata of a request, which a cache file of it carries (before what was read - ``n_tokens``,
+    ``n_documents``, ``sample_sha256`` - is known). Optional facts are included only when given.
 
     Args:
         model_id: Name of the model.
         module_name: The measured module.
-        corpus: The corpus spec; a local file is known by its name and ``corpus_sha256``.
+        corpus: The corpus spec; a local file is known by its name and ``corpus_sha256``, a hub dataset also by the
+            parts of its spec (``dataset_id``, ``dataset_config``, ``dataset_split``, ``dataset_revision``).
         n_samples: Number of documents.
         dtype: Accumulation dtype name.
-        max_length: Truncation length in tokens.
+        max_length: Truncation length in tokens (None: not known, left out).
         max_tokens: The token budget, if any (only then is it part of the metadata).
         corpus_sha256: SHA-256 of a local corpus file (computed here when not given).
         model_revision: The commit of a hub model (:func:`model_revision`); recorded and matched when known.
+        tokenizer_sha256: :func:`~.provenance.tokenizer_sha256` of the tokenizer; recorded and matched when known.
+        forward_precision: The forward pass's precision (:mod:`.precision`); matched when given.
     """
     local = local_corpus_path(corpus)
     expected = {
@@ -151,14 +178,21 @@ def expected_metadata(
         "corpus": corpus_name(corpus),
         "n_samples": str(n_samples),
         "dtype": dtype,
-        "max_length": str(max_length),
     }
+    if max_length is not None:
+        expected["max_length"] = str(max_length)
     if max_tokens is not None:
         expected["max_tokens"] = str(int(max_tokens))
     if local is not None:
         expected["corpus_sha256"] = corpus_sha256 or file_sha256(local)
+    else:
+        expected.update(parse_corpus_spec(corpus))
     if model_revision:
         expected["model_revision"] = model_revision
+    if tokenizer_sha256:
+        expected["tokenizer_sha256"] = tokenizer_sha256
+    if check_forward_precision(forward_precision) is not None:
+        expected["forward_precision"] = forward_precision
     return expected
 
 
@@ -169,13 +203,21 @@ def model_revision(model_or_config: Any) -> Optional[str]:
     return str(value) if value else None
 
 
+def model_id_from_name(name_or_path: str) -> str:
+    """The model's name in the cache for a model given by name (what :func:`default_model_id` gives once it is
+    loaded): the basename of the hub id or path (``openai-community/gpt2-xl`` -> ``gpt2-xl``)."""
+    return Path(str(resolve_model_path(name_or_path)).rstrip("/")).name
+
+
 def load_stats_file(
     path: Union[str, Path], in_dim: Optional[int] = None, module_name: str = "the module"
 ) -> torch.Tensor:
-    """Reads user-provided second-moment statistics (safetensors or ``.npy``) and checks their shape.
+    """Reads user-provided second-moment statistics (safetensors, ``.npy`` or the authors' ``.npz``) and checks their
+    shape.
 
     Args:
-        path: A ``.safetensors`` file holding the tensor ``"mom2"`` (or exactly one tensor), or a ``.npy`` array.
+        path: A ``.safetensors`` file holding the tensor ``"mom2"`` (or exactly one tensor), a ``.npy`` array, or an
+            ``.npz`` in the layout of ROME's ``layer_stats`` (:mod:`.reference`: ``C = mom2.mom2 / mom2.count``).
         in_dim: The input dimension of the module; the matrix must be ``(in_dim, in_dim)``.
         module_name: Named in the error message.
     """
@@ -200,8 +242,11 @@ def load_stats_file(
         import numpy as np
 
         moment = torch.from_numpy(np.load(path, allow_pickle=False))
+    elif suffix == ".npz":
+        moment = read_reference_file(path, in_dim=in_dim, module_name=module_name).moment()
     else:
-        raise ValueError(f"stats_file {str(path)!r}: unsupported format {suffix!r}; use .safetensors or .npy")
+        raise ValueError(f"stats_file {str(path)!r}: unsupported format {suffix!r}; use .safetensors, .npy or the "
+                         "reference's .npz")
     if in_dim is not None and tuple(moment.shape) != (in_dim, in_dim):
         raise ValueError(
             f"stats_file {str(path)!r} holds a matrix of shape {tuple(moment.shape)}, but {module_name} takes inputs "
@@ -265,8 +310,10 @@ def slug(text: str) -> str:
 
 
 def load_cached(path: Path, expected: dict[str, str], in_dim: Optional[int]) -> Optional[torch.Tensor]:
-    """The cached matrix if its metadata matches ``expected`` and its shape is right, else None (with a warning).
+    """The cached matrix if its metadata matches ``expected`` and its shape is right (see the module docstring).
 
+    Returns None (with a warning) for a file that cannot be read; raises
+    :class:`~.provenance.StatsProvenanceError` for one whose provenance or shape differs, naming the fields.
     ``in_dim=None`` checks only that the matrix is square.
     """
     from safetensors import safe_open
@@ -278,11 +325,12 @@ def load_cached(path: Path, expected: dict[str, str], in_dim: Optional[int]) -> 
     except Exception as err:  # unreadable / foreign file: recompute
         rank_zero_warn(f"Ignoring unreadable statistics cache {path} ({err}); recomputing it.")
         return None
-    stale = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
+    differences = provenance_differences(metadata, expected)
     side = in_dim if in_dim is not None else (moment.shape[0] if moment.ndim == 2 else -1)
-    if stale or tuple(moment.shape) != (side, side):
-        rank_zero_warn(f"Statistics cache {path} does not match this request {stale or moment.shape}; recomputing it.")
-        return None
+    if tuple(moment.shape) != (side, side):
+        differences["shape"] = (str(tuple(moment.shape)), str((side, side)))
+    if differences:
+        raise StatsProvenanceError(path, differences)
     return moment.float()
 
 

@@ -26,6 +26,12 @@ hence ``C`` - does not depend on the number of processes, the batch size or the 
 process reads the whole stream of *texts* (cheap) but tokenizes and runs only its share (with a token budget it
 tokenizes every document, to know where the budget ends). The stream starts at a *cursor* (:data:`STREAM_START` or a
 checkpoint's), which is how the statistics job resumes (:mod:`.job`).
+
+Which documents were read. The cursor also carries ``sample_sha256``, a running digest of the documents in stream order
+(``h_0 = ""``, ``h_i = sha256(h_{i-1} + sha256(document_i))``, hex; :func:`chain_digest`), which the job records with
+the statistics: it names the exact sample even where the corpus has no revision or fingerprint (a streamed hub
+dataset). Where ``datasets`` gives the loaded dataset a fingerprint (a non-streamed ``Dataset``), it travels in the
+cursor as ``dataset_fingerprint``.
 """
 
 from __future__ import annotations
@@ -47,11 +53,13 @@ __all__ = [
     "STREAM_START",
     "CorpusLoader",
     "CorpusStream",
+    "chain_digest",
     "corpus_name",
     "file_sha256",
     "iter_corpus_documents",
     "load_corpus_texts",
     "local_corpus_path",
+    "parse_corpus_spec",
 ]
 
 #: The corpus of the authors' statistics: English Wikipedia (``kmeng01/rome`` ``rome/layer_stats.py`` loads the
@@ -61,14 +69,16 @@ REFERENCE_CORPUS = "wikimedia/wikipedia:20231101.en"
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
-def iter_corpus_documents(corpus: str) -> Iterator[str]:
+def iter_corpus_documents(corpus: str, info: Optional[dict[str, Any]] = None) -> Iterator[str]:
     """The non-empty documents of a corpus, in order, read as a stream.
 
     Args:
         corpus: Hub dataset ``"id[:config[:split]]"`` (streamed) or a local ``.txt`` / ``.jsonl`` / ``.json`` file.
+        info: Filled with what the source tells about itself once it is opened: ``dataset_fingerprint`` where
+            ``datasets`` gives one.
     """
     local = local_corpus_path(corpus)
-    texts = _local_texts(local) if local is not None else _hub_texts(str(corpus))
+    texts = _local_texts(local) if local is not None else _hub_texts(str(corpus), info)
     for text in texts:
         if text and text.strip():
             yield text
@@ -95,6 +105,35 @@ def corpus_name(corpus: Union[str, Path]) -> str:
     """How a corpus is named in cache file names and metadata: a local file by its file name, a hub id as given."""
     local = local_corpus_path(corpus)
     return local.name if local is not None else str(corpus)
+
+
+def parse_corpus_spec(corpus: Union[str, Path]) -> Optional[dict[str, str]]:
+    """The parts of a hub corpus spec ``"id[:config[:split]][@revision]"``; None for a local file.
+
+    Returns:
+        ``{"dataset_id", "dataset_split"}`` plus ``"dataset_config"`` and ``"dataset_revision"`` where the spec gives
+        them (the split defaults to ``train``).
+    """
+    if local_corpus_path(corpus) is not None:
+        return None
+    spec, _, revision = str(corpus).partition("@")
+    name, _, rest = spec.partition(":")
+    config, _, split = rest.partition(":")
+    parts = {"dataset_id": name, "dataset_split": split or "train"}
+    if config:
+        parts["dataset_config"] = config
+    if revision:
+        parts["dataset_revision"] = revision
+    return parts
+
+
+def chain_digest(digest: Optional[str], text: str) -> Optional[str]:
+    """The running digest of a sample after one more document: ``sha256(digest + sha256(text))`` (hex); None stays
+    None (a stream resumed from a checkpoint that did not keep the digest)."""
+    if digest is None:
+        return None
+    inner = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256((digest + inner).encode("ascii")).hexdigest()
 
 
 def local_corpus_path(corpus: Union[str, Path]) -> Optional[Path]:
@@ -126,20 +165,21 @@ def _local_texts(path: Path) -> Iterable[str]:
         yield line.strip()
 
 
-def _hub_texts(corpus: str) -> Iterable[str]:
+def _hub_texts(corpus: str, info: Optional[dict[str, Any]] = None) -> Iterable[str]:
     import datasets
 
-    spec, _, revision = corpus.partition("@")
-    name, _, rest = spec.partition(":")
-    config, _, split = rest.partition(":")
+    parts = parse_corpus_spec(corpus)
     try:
-        dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True,
-                                        revision=revision or None)
+        dataset = datasets.load_dataset(parts["dataset_id"], parts.get("dataset_config"), split=parts["dataset_split"],
+                                        streaming=True, revision=parts.get("dataset_revision"))
     except Exception as err:  # offline, unknown id, ...: say what to do instead
         raise RuntimeError(
             f"Could not load the statistics corpus {corpus!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "Give a local .txt/.jsonl file as the corpus, or precomputed statistics as stats_file."
         ) from err
+    fingerprint = getattr(dataset, "_fingerprint", None)  # datasets' own; a streamed dataset has none
+    if info is not None and fingerprint:
+        info["dataset_fingerprint"] = str(fingerprint)
     for index, row in enumerate(dataset):
         if "text" not in row:
             raise ValueError(f"Corpus {corpus!r}: record {index} has no 'text' column; columns: {sorted(row)}")
@@ -247,7 +287,10 @@ class CorpusStream(IterableDataset):
                 f"{self.start.get('group')} and {self.start.get('window')}. Resume with the same batch size, number of "
                 "processes and sort_window."
             )
-        docs = itertools.islice(iter_corpus_documents(self.corpus), documents, self.n_samples)
+        # The digest of the documents before the cursor (a checkpoint written before it was kept has none).
+        digest = self.start.get("sample_sha256", "" if documents == 0 else None)
+        source: dict[str, Any] = {}
+        docs = itertools.islice(iter_corpus_documents(self.corpus, source), documents, self.n_samples)
         while self.max_tokens is None or tokens < self.max_tokens:
             texts = list(itertools.islice(docs, group * self.sort_window))
             if not texts:
@@ -264,6 +307,9 @@ class CorpusStream(IterableDataset):
                     ids = ids[: self.max_tokens - window_tokens]
                     window_tokens += len(ids)
                     items.append(ids)
+            window_digest = digest
+            for text in texts[: len(items)]:  # in stream order, before the sort
+                window_digest = chain_digest(window_digest, text)
             if self.sort_window > 1:
                 items = sorted(items, key=len)  # stable: ties keep the stream order
             kind = "texts" if self.max_tokens is None else "ids"
@@ -273,14 +319,16 @@ class CorpusStream(IterableDataset):
                 if k < skip:
                     continue
                 if k == len(chunks) - 1:
-                    cursor = {"documents": documents + len(items), "tokens": window_tokens, "skip": 0}
+                    cursor = {"documents": documents + len(items), "tokens": window_tokens, "skip": 0,
+                              "sample_sha256": window_digest}
                 else:
-                    cursor = {"documents": documents, "tokens": tokens, "skip": k + 1}
+                    cursor = {"documents": documents, "tokens": tokens, "skip": k + 1, "sample_sha256": digest}
                 yield (kind, chunk[self.rank :: self.world_size]), dict(cursor, steps=steps, group=group,
-                                                                        window=self.sort_window)
+                                                                        window=self.sort_window, **source)
             skip = 0
             documents += len(items)
             tokens = window_tokens
+            digest = window_digest
 
     def _steps(self) -> Iterator[tuple[tuple[str, list], dict[str, Any]]]:
         """:meth:`_groups` with ``cursor["finished"]`` set on the last one (one group of look-ahead)."""

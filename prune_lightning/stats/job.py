@@ -6,11 +6,14 @@ r"""The statistics job: ``C = E[k k^T]`` of the inputs of one or several linear 
     N   += number of non-padding tokens
 
 and whose end writes ``C_m = S_m / N`` to the cache that the editors read (:func:`.cache.stats_cache_path`, one
-safetensors file per module, with the metadata of :func:`.cache.expected_metadata` plus ``n_tokens`` and
-``n_documents``). One forward pass feeds every measured module and stops at the last of them (nothing above it is
-computed). There is no optimizer: ``configure_optimizers`` returns ``None`` and each step calls the mock optimizer's
-``step()``, so ``global_step`` counts batches (``max_steps``, ``every_n_train_steps`` work as usual). The documents
-come from :class:`~.corpus.CorpusStream`.
+safetensors file per module, with the metadata of :func:`.cache.expected_metadata` - the model's revision, the
+tokenizer's hash, the corpus, the forward precision - plus what was read: ``n_tokens``, ``n_documents``,
+``sample_sha256`` and, where ``datasets`` gives one, ``dataset_fingerprint``; :mod:`.provenance`). The forward pass
+may run in lower precision (``forward_precision``: bfloat16 autocast or TF32, :mod:`.precision`) while the sums stay
+in the accumulation dtype. One forward pass feeds every measured module and stops at the last of them (nothing above
+it is computed). There is no optimizer: ``configure_optimizers`` returns ``None`` and each step calls the mock
+optimizer's ``step()``, so ``global_step`` counts batches (``max_steps``, ``every_n_train_steps`` work as usual). The
+documents come from :class:`~.corpus.CorpusStream`.
 
 Only the upper triangle of each ``S_m`` is computed, by row blocks (``S[a:b, a:] += K[:, a:b]^T K[:, a:]``; about 8
 blocks, none narrower than 256), which saves up to 44% of the multiply-adds (:class:`GramSum`); the lower triangle
@@ -58,6 +61,9 @@ from prune_lightning.stats.cache import (STATS_FORMAT, accumulation_dtype, check
                                          stats_cache_path)
 from prune_lightning.stats.corpus import (REFERENCE_CORPUS, STREAM_START, CorpusLoader, CorpusStream, corpus_name,
                                           file_sha256, local_corpus_path)
+from prune_lightning.stats.precision import (accumulation_context, check_forward_precision, forward_context,
+                                             precision_warning)
+from prune_lightning.stats.provenance import tokenizer_sha256
 
 __all__ = ["EXPECTED_WARNINGS", "GramSum", "SecondMomentJob", "agree_on_missing", "gram_blocks", "outer_world"]
 
@@ -179,6 +185,8 @@ class SecondMomentJob(LightningModule):
         sort_window: Documents are ordered by length within windows of this many batches, to cut padding (1: corpus
             order). The result does not depend on it (up to float rounding).
         write_cache: Write the cache files at the end (process 0).
+        forward_precision: The forward pass's precision: ``"model"`` (default: the model's dtype, full-precision
+            matmuls), ``"bfloat16"`` (autocast) or ``"tf32"`` (TF32 matmuls; GPUs only). The sums stay in ``dtype``.
     """
 
     def __init__(
@@ -200,6 +208,7 @@ class SecondMomentJob(LightningModule):
         num_workers: int = 0,
         sort_window: int = 64,
         write_cache: bool = True,
+        forward_precision: Optional[str] = None,
     ) -> None:
         super().__init__()
         if (modules is None) == (layers is None):
@@ -236,6 +245,8 @@ class SecondMomentJob(LightningModule):
         self.num_workers = num_workers
         self.sort_window = sort_window
         self.write_cache = bool(write_cache)
+        self.forward_precision = check_forward_precision(forward_precision) or "model"
+        self._tokenizer_sha256: Optional[str] = None
         self._model_name = None if isinstance(model, nn.Module) else str(model)
         self._set_lm(model if isinstance(model, nn.Module) else None)
         self.tokenizer = tokenizer
@@ -285,6 +296,7 @@ class SecondMomentJob(LightningModule):
             self._set_lm(load_causal_lm(self._model_name, dtype=self.model_dtype))
         if self.tokenizer is None or isinstance(self.tokenizer, str):
             self.tokenizer = load_tokenizer(self.tokenizer or self._model_name)
+        self._tokenizer_sha256 = tokenizer_sha256(self.tokenizer)
         model = self.lm
         if self.module_names is None:
             template = self.module_template or mlp_out_template(model)
@@ -312,6 +324,8 @@ class SecondMomentJob(LightningModule):
             "max_tokens": self.max_tokens,
             "dtype": self.dtype_name,
             "max_length": self.max_length,
+            "tokenizer_sha256": self._tokenizer_sha256,
+            "forward_precision": self.forward_precision,
             # per-process partial sums (nested in a distributed program) resume only on the same process
             "shard": f"{self._rank}/{self._world}" if self._mode == "outer" else None,
         }
@@ -333,6 +347,9 @@ class SecondMomentJob(LightningModule):
                 "device (or give the model by name and the job moves it)"
             )
         device = model_device(model)
+        warning = precision_warning(self.forward_precision, device.type)
+        if warning:
+            rank_zero_warn(warning)
         self._grams = {name: GramSum(dim, self.acc_dtype, device) for name, dim in self._in_dims.items()}
         if self._restored is not None:
             state = self._restored
@@ -381,6 +398,7 @@ class SecondMomentJob(LightningModule):
         index = batch["token_index"] if batch["token_index"].numel() > 0 else None
         reached: set[str] = set()
         grams = self._grams
+        device_type = model_device(self.lm).type
 
         def hook_for(name: str):
             def hook(_module, args):
@@ -388,7 +406,8 @@ class SecondMomentJob(LightningModule):
                     return
                 x = args[0]
                 keys = x.reshape(-1, x.shape[-1])
-                grams[name].add(keys if index is None else keys.index_select(0, index))
+                with accumulation_context(device_type):  # the sums in full precision, whatever the forward's
+                    grams[name].add(keys if index is None else keys.index_select(0, index))
                 reached.add(name)
                 if len(reached) == len(grams):
                     raise _StopForward
@@ -397,7 +416,7 @@ class SecondMomentJob(LightningModule):
 
         handles = [get_module(self.lm, name).register_forward_pre_hook(hook_for(name)) for name in grams]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), forward_context(self.forward_precision, device_type):
                 self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         except _StopForward:
             pass
@@ -435,7 +454,8 @@ class SecondMomentJob(LightningModule):
         if state is None:
             raise ValueError("This checkpoint was not written by a SecondMomentJob: it holds no partial sums")
         saved, current = state["fingerprint"], self._fingerprint()
-        changed = [key for key in current if saved.get(key) != current[key]]
+        # A key an older checkpoint does not hold is not compared.
+        changed = [key for key in current if key in saved and saved[key] != current[key]]
         if changed:
             details = "; ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now" for key in changed)
             raise ValueError(
@@ -493,9 +513,14 @@ class SecondMomentJob(LightningModule):
                 metadata = expected_metadata(
                     self.model_id, name, self.corpus, self.n_samples, self.dtype_name, self.max_length,
                     max_tokens=self.max_tokens, corpus_sha256=self._corpus_sha256,
-                    model_revision=model_revision(self.lm),
+                    model_revision=model_revision(self.lm), tokenizer_sha256=self._tokenizer_sha256,
+                    forward_precision=self.forward_precision,
                 )
-                metadata.update(n_tokens=str(n_tokens), n_documents=str(n_documents))
+                metadata.update(n_tokens=str(n_tokens), n_documents=str(n_documents), source="computed",
+                                model_dtype=str(next(self.lm.parameters()).dtype).removeprefix("torch."))
+                for key in ("sample_sha256", "dataset_fingerprint"):
+                    if self._cursor.get(key):
+                        metadata[key] = str(self._cursor[key])
                 save_moment(path, moment, metadata)
                 self.written[name] = path
 

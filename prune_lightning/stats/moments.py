@@ -39,6 +39,7 @@ from prune_lightning.stats.cache import (StatsSettings, accumulation_dtype, chec
                                          model_revision, read_metadata, stats_cache_path)
 from prune_lightning.stats.corpus import file_sha256, local_corpus_path
 from prune_lightning.stats.job import agree_on_missing
+from prune_lightning.stats.provenance import tokenizer_sha256
 from prune_lightning.stats.run import compute_second_moments
 
 __all__ = ["StatsSettings", "second_moment", "second_moments"]
@@ -60,6 +61,7 @@ def second_moment(
     max_tokens: Optional[int] = None,
     checkpoint_dir: Optional[Union[str, Path]] = None,
     checkpoint_every_n_steps: Optional[int] = None,
+    forward_precision: Optional[str] = None,
 ) -> torch.Tensor:
     """The second moment ``C = E[k k^T]`` of the inputs ``k`` of ``module_name`` over a text corpus.
 
@@ -74,14 +76,16 @@ def second_moment(
         batch_size: Documents per forward pass.
         max_length: Documents are truncated to this many tokens (default: the model's context length, at most 4096).
         cache_dir: Where the cache lives (default: ``default_cache_dir() / "stats"``).
-        stats_file: Precomputed statistics (safetensors with a ``"mom2"`` tensor or a single tensor, or ``.npy``);
-            when given, nothing is computed or cached.
+        stats_file: Precomputed statistics (safetensors with a ``"mom2"`` tensor or a single tensor, ``.npy``, or an
+            ``.npz`` in the authors' layout); when given, nothing is computed or cached.
         model_id: Name of the model in the cache file name (default: basename of ``model.config._name_or_path``).
         recompute: Ignore an existing cache file and compute (and rewrite) it.
         max_tokens: Token budget: stop once this many tokens are counted (default: no budget).
         checkpoint_dir: Where the job keeps its partial sums while it runs (default: a folder under the cache that
             is removed once the cache file is written); an interrupted computation resumes from there.
         checkpoint_every_n_steps: Save the partial sums every this many batches (default: every 10 minutes).
+        forward_precision: The forward pass's precision when computing (``"model"``, ``"bfloat16"``, ``"tf32"``;
+            :mod:`.precision`); a cached file is compared on it only when it is given.
 
     Returns:
         The ``(in_dim, in_dim)`` matrix ``C`` as float32, on the CPU.
@@ -108,6 +112,7 @@ def second_moment(
         max_tokens=max_tokens,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_n_steps=checkpoint_every_n_steps,
+        forward_precision=forward_precision,
     )[module_name]
 
 
@@ -127,6 +132,7 @@ def second_moments(
     checkpoint_dir: Optional[Union[str, Path]] = None,
     checkpoint_every_n_steps: Optional[int] = None,
     num_workers: int = 0,
+    forward_precision: Optional[str] = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`second_moment` of several modules; the ones not cached yet come from **one** pass over the corpus.
 
@@ -152,6 +158,8 @@ def second_moments(
         checkpoint_dir: Where the job keeps its partial sums (default: under the cache, removed after success).
         checkpoint_every_n_steps: Save the partial sums every this many batches (default: every 10 minutes).
         num_workers: DataLoader processes that read and tokenize ahead of the forward passes.
+        forward_precision: The forward pass's precision when computing (:mod:`.precision`); compared with a cached
+            file only when given.
 
     Returns:
         ``{module name: (in_dim, in_dim) float32 CPU matrix}``, in the order of ``module_names``.
@@ -165,9 +173,11 @@ def second_moments(
         max_length=check_max_length(model, max_length), max_tokens=max_tokens,
         cache_dir=cache_dir, model_id=model_id or default_model_id(model), checkpoint_dir=checkpoint_dir,
         checkpoint_every_n_steps=checkpoint_every_n_steps, num_workers=num_workers,
+        forward_precision=forward_precision,
     )
     local = local_corpus_path(corpus)
     corpus_sha256 = file_sha256(local) if local is not None else None
+    tokenizer_hash = tokenizer_sha256(tokenizer)
 
     results: dict[str, torch.Tensor] = {}
     missing: list[str] = []
@@ -176,7 +186,8 @@ def second_moments(
                                 max_tokens=max_tokens)
         expected = expected_metadata(settings.model_id, name, corpus, n_samples, settings.dtype, settings.max_length,
                                      max_tokens=max_tokens, corpus_sha256=corpus_sha256,
-                                     model_revision=model_revision(model))
+                                     model_revision=model_revision(model), tokenizer_sha256=tokenizer_hash,
+                                     forward_precision=forward_precision)
         cached = load_cached(path, expected, in_dims[name]) if path.exists() and not recompute else None
         if cached is None:
             missing.append(name)

@@ -131,6 +131,7 @@ def compute_second_moments(
         model_id=settings.model_id or default_model_id(model),
         cache_dir=settings.cache_dir,
         num_workers=settings.num_workers,
+        forward_precision=settings.forward_precision,
     )
     cache_dir, checkpoint_dir = settings.cache_dir, settings.checkpoint_dir
     checkpoint_every_n_steps = settings.checkpoint_every_n_steps
@@ -226,6 +227,7 @@ def _partial_dir(job: SecondMomentJob, model: nn.Module, cache_dir: Optional[Uni
         "max_tokens": job.max_tokens,
         "dtype": job.dtype_name,
         "max_length": job.max_length or default_max_length(model),
+        "forward_precision": job.forward_precision,
     }
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     return root / ".partial" / f"{slug(job.model_id)}__{digest}"
