@@ -52,7 +52,9 @@ def tokenizer_sha256(tokenizer) -> str:
         tokenizer: A Hugging Face tokenizer.
     """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    payload = {"vocab": vocab, "merges": _merges(tokenizer), "probe": list(tokenizer(_PROBE)["input_ids"])}
+    # verbose=False: the probe may be longer than a tiny model's context; it is hashed, never run through a model
+    probe = list(tokenizer(_PROBE, verbose=False)["input_ids"])
+    payload = {"vocab": vocab, "merges": _merges(tokenizer), "probe": probe}
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
