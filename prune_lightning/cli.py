@@ -152,7 +152,7 @@ def short_message(err: BaseException) -> str:
 def _main(argv: list[str], args: Optional[list[str]]) -> None:
     _quiet_defaults()
     if argv[:1] == ["demo"]:
-        # Not a Trainer method: the demo drives three fits itself (prune_lightning.demo.run).
+        # Not a Trainer method: the demo drives its fits itself (prune_lightning.demo.run).
         from prune_lightning.demo.run import main as demo_main
 
         demo_main(argv[1:])

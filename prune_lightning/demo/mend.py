@@ -34,15 +34,14 @@ temporary sibling that is renamed to ``<cache>/demo/mend-<key>``; ``<key>`` hash
 :func:`single_edit_quality` measures what the demo's table calls efficacy, generalization and locality for MEND edits
 made one at a time, each on the unedited model: the CounterFact scores of
 :func:`prune_lightning.metrics.quality.update_edit_quality` (efficacy: the new object beats the true one by mean
-token NLL on the rewrite prompt). :func:`sequential_mend_run` is the demo's editing fit with MEND as the editor (with
-or without PRUNE), for the demo's MEND rows.
+token NLL on the rewrite prompt). The demo's MEND rows (``prune-edit demo``, :mod:`prune_lightning.demo.run`) edit
+with the hypernetwork of :func:`demo_mend_checkpoint`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -55,7 +54,7 @@ from typing import Any, Optional, Sequence, Union
 from prune_lightning.demo.world import World, write_atomic
 
 __all__ = ["DemoMENDConfig", "demo_mend_checkpoint", "demo_mend_path", "locality_records", "mend_records",
-           "sequential_mend_run", "single_edit_quality", "train_demo_mend"]
+           "single_edit_quality", "train_demo_mend"]
 
 MEND_DEMO_VERSION = 1  # bump when the recipe changes what the same settings produce (it is part of the cache key)
 HYPERNETWORK_FILE = "hypernetwork.safetensors"
@@ -369,69 +368,3 @@ def single_edit_quality(model_dir: Union[str, Path], hypernetwork: Union[str, Pa
     scores["efficacy_before"] = float(before.compute()["efficacy"])
     return scores
 
-
-def sequential_mend_run(model_dir: Union[str, Path], hypernetwork: Union[str, Path], requests: Union[str, Path],
-                        tasks: dict[str, Union[str, Path]], output: Union[str, Path], prune: Optional[str] = None,
-                        every_n_edits: int = 40, alpha: float = math.e, seed: int = 0,
-                        wandb: bool = False) -> dict[str, Any]:
-    """One sequential editing fit of the demo model with MEND, as the demo runs ROME: every request of ``requests``
-    in file order, with ``ConditionNumberMonitor``, ``GeneralAbilityEvaluator`` (the demo tasks) and
-    ``EditQualityEvaluator`` (pre-edit scores too), and PRUNE when ``prune`` is ``"online"`` or ``"post_hoc"``.
-
-    Args:
-        model_dir: The demo model.
-        hypernetwork: MEND's hypernetwork (:func:`demo_mend_checkpoint`).
-        requests: The demo's requests file (``World.write_counterfact``).
-        tasks: ``{"demo-arithmetic": path, ...}`` (``World.write_tasks``).
-        output: Folder of the CSV logs (``logs/<run>/version_0``).
-        prune: ``None`` (no restraint), ``"online"`` or ``"post_hoc"``.
-        every_n_edits: How often the monitor and the evaluators measure.
-        alpha: Base of PRUNE's logarithm.
-        seed: Seeds Lightning.
-        wandb: Also log to a W&B offline run.
-
-    Returns:
-        ``{"monitor", "general", "quality", "prune"}``: the callbacks' histories, and ``"seconds"``.
-    """
-    from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.loggers import CSVLogger
-
-    from prune_lightning import EditDataModule, SequentialEditor
-    from prune_lightning.callbacks import (ConditionNumberMonitor, EditQualityEvaluator, GeneralAbilityEvaluator,
-                                           PRUNECallback, TaskConfig)
-    from prune_lightning import TRAINER_DEFAULTS
-    from prune_lightning.editors import MEND
-
-    if prune not in (None, "online", "post_hoc"):
-        raise ValueError(f"prune must be None, 'online' or 'post_hoc', got {prune!r}")
-    seed_everything(seed, verbose=False)
-    run = "mend" if prune is None else f"mend_prune_{prune}"
-    module = SequentialEditor(model=str(model_dir), editor=MEND(hypernetwork=str(hypernetwork)),
-                              save_edited_model=False, verbose=False)
-    monitor = ConditionNumberMonitor(every_n_edits=every_n_edits)
-    general = GeneralAbilityEvaluator(
-        tasks=[TaskConfig(name=name, source=str(path), limit=0) for name, path in tasks.items()],
-        every_n_edits=every_n_edits, batch_size=32)
-    n_requests = len(json.loads(Path(requests).read_text()))
-    quality = EditQualityEvaluator(every_n_edits=n_requests, batch_size=32, pre_edit=True)
-    callbacks: list = [monitor, general, quality]
-    restraint = None
-    if prune is not None:
-        restraint = PRUNECallback(alpha=alpha, mode=prune)
-        callbacks.insert(0, restraint)
-    loggers: list = [CSVLogger(Path(output) / "logs", name=run, version=0)]
-    if wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers.append(WandbLogger(name=run, project="prune-lightning-demo", save_dir=str(output), offline=True))
-    trainer = Trainer(**{**TRAINER_DEFAULTS, "accelerator": "cpu", "devices": 1, "default_root_dir": str(output),
-                         "logger": loggers, "callbacks": callbacks, "enable_checkpointing": False,
-                         "enable_progress_bar": False})
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=EditDataModule(source=str(requests)))
-    if wandb:
-        import wandb as wandb_module
-
-        wandb_module.finish()
-    return {"monitor": monitor.history, "general": general.history, "quality": quality.history,
-            "prune": restraint.history if restraint is not None else [], "seconds": time.perf_counter() - start}
