@@ -92,7 +92,7 @@ def _memit_settings() -> dict:
 
 def _alphaedit_settings() -> dict:
     return {"layers": [0], "fact_token": "last", "context_template_lengths": [[5, 3]], "v_num_grad_steps": 15,
-            "v_lr": 0.5, "clamp_norm_factor": 4.0}
+            "v_lr": 0.5, "clamp_norm_factor": 4.0, "nullspace_threshold": 1.0}
 
 
 @dataclass
@@ -215,7 +215,7 @@ def run_demo(config: DemoConfig, output: os.PathLike) -> Path:
         print("[demo] MEND's hypernetwork (trained once on facts the demo does not edit, then cached) ...", flush=True)
         inputs.hypernetwork = demo_mend_checkpoint(seed=config.seed, n_requests=config.n_requests,
                                                    model_dir=model_dir, n_entities=config.n_entities,
-                                                   train_steps=config.train_steps)
+                                                   train_steps=config.train_steps, progress=False)
 
     results: dict[str, Any] = {"n_requests": config.n_requests, "runs": {}, "sweep": [], "sweep_mode": config.sweep_mode,
                                "single_edit": []}
