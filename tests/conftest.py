@@ -206,3 +206,18 @@ class UpdatesWritten:
         with torch.no_grad():
             for name, weight in self.saved.items():
                 self.model.get_parameter(name).copy_(weight)
+
+
+def greedy_one_at_a_time(model, tokenizer, prompts, max_new_tokens):
+    """The reference: one plain ``generate`` call per prompt, no padding, in eval mode."""
+    import torch
+
+    model.eval()
+    texts = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts

@@ -276,12 +276,12 @@ def plot(results: dict, output: Path) -> list[Path]:
     paths = []
 
     def lines(filename: str, what: str, ylabel: str, title: str, log: bool = False, reference: Any = None) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for row, run in runs.items():
             steps, values = curve(run, what)
             if steps:
-                # the unrestrained ROME run is the post-hoc run up to its restraint: dashed, on top
-                style = dict(linestyle="--", zorder=3) if row == "none" else {}
+                # an unrestrained row is its post-hoc fit up to the restraint: dashed, on top
+                style = dict(linestyle="--", zorder=3) if run.get("before_restraint") else {}
                 ax.plot(steps, values, marker=".", color=colors[row], label=run["label"], **style)
         if reference is not None:
             ax.axhline(reference, color="gray", linestyle=":", label="unedited")
@@ -290,7 +290,7 @@ def plot(results: dict, output: Path) -> list[Path]:
         if log:
             ax.set_yscale("log")
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(output / filename, dpi=110)
         plt.close(fig)
@@ -301,24 +301,24 @@ def plot(results: dict, output: Path) -> list[Path]:
           reference=_mean(results["unedited"]["general"].values()))
     lines("retention.png", EFFICACY, "efficacy (teacher-forced, edits so far)", "Retention of the edits")
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for point in sweep_points(results):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = "osD^v<>ph*"
+    for i, point in enumerate(sweep_points(results)):
         if point["efficacy"] is None or point["general_mean"] is None:
             continue
-        ax.scatter(point["general_mean"], point["efficacy"], s=30)
-        ax.annotate(point["label"], (point["general_mean"], point["efficacy"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 3))
+        ax.scatter(point["general_mean"], point["efficacy"], s=40, marker=markers[i % len(markers)],
+                   label=point["label"])
     ax.axvline(_mean(results["unedited"]["general"].values()), color="gray", linestyle=":", label="unedited")
     ax.set_xlabel("mean general ability")
     ax.set_ylabel("efficacy")
-    ax.set_title("PRUNE's trade-off (ROME)")
-    ax.legend(fontsize=7)
+    ax.set_title("PRUNE's trade-off (ROME): one point per setting")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(output / "tradeoff.png", dpi=110)
     plt.close(fig)
     paths.append(output / "tradeoff.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     threshold = None
     for row, run in runs.items():
         for spectrum in run["spectra"].values():
@@ -331,7 +331,7 @@ def plot(results: dict, output: Path) -> list[Path]:
     ax.set_ylabel("singular value of dW")
     ax.set_yscale("log")
     ax.set_title("Spectrum of the accumulated update after all edits")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(output / "singular_values.png", dpi=110)
     plt.close(fig)

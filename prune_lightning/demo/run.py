@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -427,6 +428,8 @@ def _run_fit(config: DemoConfig, fit: _Fit, inputs: _Inputs, output: Path) -> tu
     sweep = (_PostHocSweep(config.sweep, quality, _examples(inputs.tasks), config.free_generation)
              if fit.key == "rome" and config.sweep and config.sweep_mode == "post_hoc" else None)
     callbacks = [c for c in (sizes, before, sweep, restraint, monitor, general, quality) if c is not None]
+    # A re-run replaces the fit's CSV log (Lightning would warn, then overwrite it all the same).
+    shutil.rmtree(output / "logs" / fit.key / "version_0", ignore_errors=True)
     loggers: list = [CSVLogger(output / "logs", name=fit.key, version=0)]
     if config.wandb:
         from prune_lightning.loggers import EditWandbLogger
@@ -453,7 +456,7 @@ def _run_fit(config: DemoConfig, fit: _Fit, inputs: _Inputs, output: Path) -> tu
         runs[first] = {"label": rows[first], "fit": fit.key, "requests_per_write": per_write,
                        **{name: callback.history[: before.lengths[id(callback)]] for name, callback in
                           (("monitor", monitor), ("general", general), ("quality", quality))},
-                       "spectra": before.spectra, "prune": [], "seconds": seconds}
+                       "spectra": before.spectra, "prune": [], "seconds": seconds, "before_restraint": True}
         # The unrestrained fit's last measurements are its final ones.
         runs[first]["monitor"] = [dict(r, final=True) if r["step"] == trainer.global_step and not r.get("final")
                                   else r for r in runs[first]["monitor"]]
