@@ -48,6 +48,11 @@ def test_demo_writes_the_comparison(demo_output):
         assert (output / "logs" / fit / "version_0" / "metrics.csv").exists()
     # A W&B offline run per fit (rome, rome_online, two sweep fits, memit), and the summary run with the plots.
     assert len(list((output / "wandb").glob("offline-run-*"))) == 6
+    (summary,) = [run for run in (output / "wandb").glob("offline-run-*")
+                  if (run / "files" / "media" / "images").exists()]
+    images = {path.name.split("_0_")[0] for path in (summary / "files" / "media" / "images").glob("*.png")}
+    assert images == {"kappa", "general_ability", "retention", "tradeoff", "singular_values"}
+    assert list((summary / "files" / "media" / "table").glob("results_*.table.json"))
 
 
 def test_unrestrained_rows_are_the_post_hoc_fits_before_their_restraint(demo_output):

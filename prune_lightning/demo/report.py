@@ -25,8 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["EFFICACY_SHARE", "GENERAL_TOLERANCE", "claims", "curve", "final_general", "final_quality", "row_summary", "sweep_points",
-           "table", "write_report"]
+__all__ = ["EFFICACY_SHARE", "GENERAL_TOLERANCE", "claims", "curve", "final_general", "final_quality", "plot",
+           "row_summary", "sweep_points", "table", "write_report"]
 
 EFFICACY_SHARE = 0.8  # "keeps most edits": at least this share of the unrestrained run's efficacy
 GENERAL_TOLERANCE = 0.1  # "keeps general abilities": mean general ability within this of the unedited model's
@@ -134,8 +134,8 @@ def sweep_points(results: dict) -> list[dict[str, Any]]:
             summary = row_summary(results["runs"][row])
             points.append({"label": label, "efficacy": summary["efficacy"], "general_mean": summary["general_mean"]})
     for point in results.get("sweep", []):
-        points.append({"label": f"{mode.replace('_', ' ')}, {point['setting']}", "efficacy": point["quality"].get(EFFICACY),
-                       "general_mean": _mean(point["general"].values())})
+        points.append({"label": f"{mode.replace('_', ' ')}, {point['setting']}",
+                       "efficacy": point["quality"].get(EFFICACY), "general_mean": _mean(point["general"].values())})
     return points
 
 
@@ -230,7 +230,8 @@ def write_report(results: dict, output: Path, settings: dict, seconds: Optional[
     regime = ""
     if single:
         regime = (f"One ROME edit against the edited matrix: its spectral norm is {_cell(single[0])} x "
-                  f"`sigma_max(W_0)` (`||dW_1|| / sigma_max(W_0)`, the first edit; median {_cell(statistics.median(single))}, largest "
+                  f"`sigma_max(W_0)` (`||dW_1|| / sigma_max(W_0)`, the first edit; median "
+                  f"{_cell(statistics.median(single))}, largest "
                   f"{_cell(max(single))} over {len(single)} edits), `sigma_max(W_0)` = "
                   f"{_cell(results['unedited'].get('sigma_max_w0'))}.\n\n")
     paragraphs = "\n\n".join(f"**{name}** ({'holds' if ok else 'does not hold'}). {text}"
@@ -247,8 +248,10 @@ def write_report(results: dict, output: Path, settings: dict, seconds: Optional[
         "## PRUNE's alpha: the trade-off", "",
         ("ROME + PRUNE online, one fit per setting" if results.get("sweep_mode") == "online" else
          "PRUNE post hoc on the same unrestrained ROME update, for each setting")
-        + " (and the linear variant `(s + sigma_max) / 2`); efficacy after the sequence:", "", _sweep_table(results), "",
-        "![trade-off](tradeoff.png)", "![kappa vs edits](kappa.png)", "![general ability vs edits](general_ability.png)",
+        + " (and the linear variant `(s + sigma_max) / 2`); efficacy after the sequence:", "",
+        _sweep_table(results), "",
+        "![trade-off](tradeoff.png)", "![kappa vs edits](kappa.png)",
+        "![general ability vs edits](general_ability.png)",
         "![retention](retention.png)", "![singular values of dW](singular_values.png)", "",
         f"Settings: `{json.dumps(settings, default=str)}`", "",
     ]

@@ -71,7 +71,8 @@ FITS: dict[str, tuple[_Fit, ...]] = {
     "rome": (_Fit("rome", "rome", "prune_post_hoc", (("none", "ROME"), ("prune_post_hoc", "ROME + PRUNE post hoc"))),
              _Fit("rome_online", "rome", "prune_online", (("prune_online", "ROME + PRUNE online"),))),
     "rect": (_Fit("rect", "rome", "rect", (("rect", "ROME + RECT"),)),),
-    "memit": (_Fit("memit", "memit", "prune_post_hoc", (("memit", "MEMIT"), ("memit_prune", "MEMIT + PRUNE post hoc"))),),
+    "memit": (_Fit("memit", "memit", "prune_post_hoc",
+                   (("memit", "MEMIT"), ("memit_prune", "MEMIT + PRUNE post hoc"))),),
     "alphaedit": (_Fit("alphaedit", "alphaedit", "prune_post_hoc",
                        (("alphaedit", "AlphaEdit"), ("alphaedit_prune", "AlphaEdit + PRUNE post hoc"))),),
     "mend": (_Fit("mend", "mend", "prune_post_hoc", (("mend", "MEND"), ("mend_prune", "MEND + PRUNE post hoc"))),),
@@ -218,8 +219,8 @@ def run_demo(config: DemoConfig, output: os.PathLike) -> Path:
                                                    model_dir=model_dir, n_entities=config.n_entities,
                                                    train_steps=config.train_steps, progress=False)
 
-    results: dict[str, Any] = {"n_requests": config.n_requests, "runs": {}, "sweep": [], "sweep_mode": config.sweep_mode,
-                               "single_edit": []}
+    results: dict[str, Any] = {"n_requests": config.n_requests, "runs": {}, "sweep": [],
+                               "sweep_mode": config.sweep_mode, "single_edit": []}
     results["unedited"] = _unedited(config, inputs)
     known = rewrite_accuracy_of(model_dir, requests, rewrite_accuracy)
     print(f"[demo] before editing, target_true beats target_new on {known:.1%} of the rewrite prompts", flush=True)
