@@ -208,16 +208,20 @@ class UpdatesWritten:
                 self.model.get_parameter(name).copy_(weight)
 
 
-def greedy_one_at_a_time(model, tokenizer, prompts, max_new_tokens):
-    """The reference: one plain ``generate`` call per prompt, no padding, in eval mode."""
+def greedy_ids_one_at_a_time(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """The reference: the new token ids of one plain ``generate`` call (no padding), up to the first ``eos``."""
     import torch
 
-    model.eval()
-    texts = []
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return texts
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def greedy_one_at_a_time(model, tokenizer, prompts, max_new_tokens):
+    """The reference: one plain ``generate`` call per prompt, no padding, in eval mode; the decoded new text."""
+    model.eval()
+    return [tokenizer.decode(greedy_ids_one_at_a_time(model, tokenizer, prompt, max_new_tokens),
+                             skip_special_tokens=True) for prompt in prompts]

@@ -2,9 +2,8 @@
 them."""
 
 import pytest
-import torch
 
-from conftest import greedy_one_at_a_time
+from conftest import greedy_ids_one_at_a_time, greedy_one_at_a_time
 from prune_lightning import EditRequest
 from prune_lightning.generation import generate_batched, generate_batched_ids
 from prune_lightning.metrics import FreeGenerationScore
@@ -34,13 +33,7 @@ def test_generate_batched_matches_one_prompt_at_a_time(tiny_model_dir):
 def test_generate_batched_ids_are_the_new_tokens_up_to_eos(tiny_model_dir):
     model, tokenizer = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     model.eval()
-    expected = []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-            expected.append(out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out)
+    expected = [greedy_ids_one_at_a_time(model, tokenizer, prompt, 6) for prompt in PROMPTS]
     got = generate_batched_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2)
     assert got == expected
     assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in got] == \
@@ -90,12 +83,7 @@ def test_free_generation_scorer_against_one_prompt_at_a_time():
     model.eval()
 
     def greedy(prompt, n):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist()
-        return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        return greedy_ids_one_at_a_time(model, tokenizer, prompt, n)
 
     def own_word(prompt):
         word = tokenizer.decode(greedy(prompt, 1)).strip()
