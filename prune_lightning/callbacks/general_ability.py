@@ -43,7 +43,7 @@ from prune_lightning.callbacks._schedule import EditSchedule, Scheduled, run_aft
 from prune_lightning.data.tasks import TaskExample, get_task, load_task
 from prune_lightning.generation import find_language_model, generate_batched
 
-__all__ = ["GeneralAbilityEvaluator", "TaskConfig"]
+__all__ = ["GeneralAbilityEvaluator", "TaskConfig", "task_score"]
 
 TABLE_KEY = "general_ability"
 TABLE_COLUMNS = ["step", "task", "metric", "value"]
@@ -193,14 +193,7 @@ class GeneralAbilityEvaluator(Scheduled, Callback):
         for task in self.tasks:
             spec = get_task(task.name)
             shard = self._examples[task.name][rank::world_size]
-            metric = spec.make_metric().to(device)
-            # generate_batched keeps a sharded model's forwards paired across ranks, also for an empty shard.
-            generations = generate_batched(
-                model, tokenizer, [e.prompt for e in shard], spec.max_new_tokens, batch_size=self.batch_size
-            )
-            if shard:
-                metric.update([spec.prediction(g) for g in generations], [list(e.references) for e in shard])
-            value = float(_compute(metric))  # every rank calls compute: the states are summed across ranks
+            value = task_score(task.name, model, tokenizer, shard, batch_size=self.batch_size, device=device)
             metrics[f"general/{task.name}/{spec.metric}"] = value
             self.history.append({"step": step, "task": task.name, "metric": spec.metric, "value": value})
         self.schedule.done(trainer)
@@ -223,6 +216,29 @@ class GeneralAbilityEvaluator(Scheduled, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state_dict)
         self.history = [dict(row) for row in state_dict.get("history", [])]
+
+
+def task_score(task: str, model: Any, tokenizer: Any, examples: Sequence[TaskExample], batch_size: int = 16,
+               device: Any = None) -> float:
+    """A registered task's score of ``model`` on ``examples``: batched greedy generation, the task's prediction rule
+    and metric. Under a process group every rank calls it with its own shard (possibly empty): the metric's states
+    are summed across ranks, and ``generate_batched`` keeps a sharded model's forwards paired.
+
+    Args:
+        task: The task's registered name (:func:`~prune_lightning.data.tasks.get_task`).
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        examples: This process's examples of the task.
+        batch_size: Prompts per ``generate`` call.
+        device: Where the metric's states live (default: the model's).
+    """
+    spec = get_task(task)
+    metric = spec.make_metric().to(device if device is not None else next(model.parameters()).device)
+    generations = generate_batched(model, tokenizer, [e.prompt for e in examples], spec.max_new_tokens,
+                                   batch_size=batch_size)
+    if examples:
+        metric.update([spec.prediction(g) for g in generations], [list(e.references) for e in examples])
+    return float(_compute(metric))
 
 
 def _compute(metric: Any) -> Any:
