@@ -278,6 +278,18 @@ def plot(results: dict, output: Path) -> list[Path]:
     colors = dict(zip(runs, plt.get_cmap("tab10").colors))
     paths = []
 
+    def save(fig, ax, filename: str, xlabel: str, ylabel: str, title: str, log: bool = False) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+        fig.savefig(output / filename, dpi=110)
+        plt.close(fig)
+        paths.append(output / filename)
+
     def lines(filename: str, what: str, ylabel: str, title: str, log: bool = False, reference: Any = None) -> None:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for row, run in runs.items():
@@ -288,16 +300,7 @@ def plot(results: dict, output: Path) -> list[Path]:
                 ax.plot(steps, values, marker=".", color=colors[row], label=run["label"], **style)
         if reference is not None:
             ax.axhline(reference, color="gray", linestyle=":", label="unedited")
-        ax.set_xlabel("edits")
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.tight_layout()
-        fig.savefig(output / filename, dpi=110)
-        plt.close(fig)
-        paths.append(output / filename)
+        save(fig, ax, filename, "edits", ylabel, title, log)
 
     lines("kappa.png", "kappa", "condition number kappa (largest edited matrix)", "kappa vs edits", log=True)
     lines("general_ability.png", "general", "mean general ability", "General ability vs edits",
@@ -312,31 +315,17 @@ def plot(results: dict, output: Path) -> list[Path]:
         ax.scatter(point["general_mean"], point["efficacy"], s=40, marker=markers[i % len(markers)],
                    label=point["label"])
     ax.axvline(_mean(results["unedited"]["general"].values()), color="gray", linestyle=":", label="unedited")
-    ax.set_xlabel("mean general ability")
-    ax.set_ylabel("efficacy")
-    ax.set_title("PRUNE's trade-off (ROME): one point per setting")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(output / "tradeoff.png", dpi=110)
-    plt.close(fig)
-    paths.append(output / "tradeoff.png")
+    save(fig, ax, "tradeoff.png", "mean general ability", "efficacy", "PRUNE's trade-off (ROME): one point per setting")
 
+    # The matrix the ROME rows edit (MEMIT's and AlphaEdit's too when they write the same one), against its own
+    # threshold; MEND's matrices are others.
+    matrix, threshold = results["unedited"]["matrix"], results["unedited"]["sigma_max_w0"]
     fig, ax = plt.subplots(figsize=(9, 4))
-    threshold = None
     for row, run in runs.items():
-        for spectrum in run["spectra"].values():
-            ax.plot(range(1, len(spectrum["s"]) + 1), spectrum["s"], color=colors[row], label=run["label"])
-            threshold = spectrum["sigma_max_w0"]
-            break  # one matrix per run: the first edited one
-    if threshold is not None:
-        ax.axhline(threshold, color="gray", linestyle="--", label="sigma_max(W_0)")
-    ax.set_xlabel("index")
-    ax.set_ylabel("singular value of dW")
-    ax.set_yscale("log")
-    ax.set_title("Spectrum of the accumulated update after all edits")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(output / "singular_values.png", dpi=110)
-    plt.close(fig)
-    paths.append(output / "singular_values.png")
+        if matrix in run["spectra"]:
+            s = run["spectra"][matrix]["s"]
+            ax.plot(range(1, len(s) + 1), s, color=colors[row], label=run["label"])
+    ax.axhline(threshold, color="gray", linestyle="--", label="sigma_max(W_0)")
+    save(fig, ax, "singular_values.png", "index", "singular value of dW",
+         f"Spectrum of the accumulated update of {matrix.removesuffix('.weight')} after all edits", log=True)
     return paths

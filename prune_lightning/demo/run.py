@@ -195,7 +195,7 @@ class _Inputs:
 
 def run_demo(config: DemoConfig, output: os.PathLike) -> Path:
     """Runs the comparison and writes the results folder; returns the path of ``results.md``."""
-    from prune_lightning.demo import World, demo_checkpoint, rewrite_accuracy
+    from prune_lightning.demo import World, demo_checkpoint
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -222,9 +222,8 @@ def run_demo(config: DemoConfig, output: os.PathLike) -> Path:
     results: dict[str, Any] = {"n_requests": config.n_requests, "runs": {}, "sweep": [],
                                "sweep_mode": config.sweep_mode, "single_edit": []}
     results["unedited"] = _unedited(config, inputs)
-    known = rewrite_accuracy_of(model_dir, requests, rewrite_accuracy)
-    print(f"[demo] before editing, target_true beats target_new on {known:.1%} of the rewrite prompts", flush=True)
-    results["unedited"]["rewrite_accuracy"] = known
+    print(f"[demo] before editing, target_true beats target_new on {results['unedited']['rewrite_accuracy']:.1%} of "
+          "the rewrite prompts", flush=True)
     for method in config.methods:
         for fit in FITS[method]:
             labels = " and ".join(f"'{label}'" for _, label in fit.rows)
@@ -244,14 +243,10 @@ def run_demo(config: DemoConfig, output: os.PathLike) -> Path:
     return output / "results.md"
 
 
-def rewrite_accuracy_of(model_dir: Path, requests: Path, measure) -> float:
-    from prune_lightning.models import load_causal_lm, load_tokenizer
-
-    return measure(load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir)), json.loads(requests.read_text()))
-
-
 def _unedited(config: DemoConfig, inputs: _Inputs) -> dict[str, Any]:
-    """General abilities and ``kappa`` of the unedited model (the edited matrix of the ROME rows)."""
+    """General abilities, ``kappa`` and ``sigma_max`` of the edited matrix of the ROME rows and the share of rewrite
+    prompts where ``target_true`` beats ``target_new``, on the unedited model."""
+    from prune_lightning.demo import rewrite_accuracy
     from prune_lightning.editors import ROME
     from prune_lightning.models import get_parameter, load_causal_lm, load_tokenizer
     from prune_lightning.spectral import condition_number, spectral_norm
@@ -260,7 +255,8 @@ def _unedited(config: DemoConfig, inputs: _Inputs) -> dict[str, Any]:
     name = ROME(**{**config.editor, "mom2_adjustment": False}).parameter_names(model)[0]
     weight = get_parameter(model, name).detach().float()
     return {"general": general_scores(model, tokenizer, _examples(inputs.tasks)),
-            "kappa": condition_number(weight), "sigma_max_w0": spectral_norm(weight), "matrix": name}
+            "kappa": condition_number(weight), "sigma_max_w0": spectral_norm(weight), "matrix": name,
+            "rewrite_accuracy": rewrite_accuracy(model, tokenizer, json.loads(inputs.requests.read_text()))}
 
 
 def _examples(tasks: dict) -> dict[str, list]:
@@ -271,19 +267,10 @@ def _examples(tasks: dict) -> dict[str, list]:
 
 @torch.no_grad()
 def general_scores(model, tokenizer, examples: dict[str, list], batch_size: int = 32) -> dict[str, float]:
-    """``{task: score}`` of the model on each task's examples (as ``GeneralAbilityEvaluator`` scores them)."""
-    from prune_lightning.data.tasks import get_task
-    from prune_lightning.generation import generate_batched
+    """``{task: score}`` of the model on each task's examples, scored as ``GeneralAbilityEvaluator`` scores them."""
+    from prune_lightning.callbacks.general_ability import task_score
 
-    scores = {}
-    for name, shard in examples.items():
-        spec = get_task(name)
-        metric = spec.make_metric()
-        generations = generate_batched(model, tokenizer, [e.prompt for e in shard], spec.max_new_tokens,
-                                       batch_size=batch_size)
-        metric.update([spec.prediction(g) for g in generations], [list(e.references) for e in shard])
-        scores[name] = float(metric.compute())
-    return scores
+    return {name: task_score(name, model, tokenizer, shard, batch_size=batch_size) for name, shard in examples.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
